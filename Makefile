@@ -1,0 +1,41 @@
+# Two commands on a fresh machine:
+#   make demo   set up, then run the demo sweep (local executor, embedded MLflow, synthetic data, tiny LLM)
+#   make test   set up, then run the whole test suite (starts the dev Slurm cluster and an MLflow server)
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch 2.13.0 is a CPU build that lies on this kind of machine's disk; a GPU user installs
+# their CUDA torch first and `make setup` leaves it alone.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast bench clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/aullm-grid demo sweeps/demo.yaml
+
+test: setup
+	bash slurm/dev/install.sh
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean-demo:
+	rm -rf runs/demo

@@ -1,0 +1,24 @@
+"""Facts about the datasets and the model that every module shares (DESIGN.md §4-§5)."""
+
+from __future__ import annotations
+
+# Action Units evaluated on each dataset, in the order of the paper's tables.
+DATASET_AUS: dict[str, tuple[int, ...]] = {
+    "casme2": (1, 2, 4, 7, 12, 14, 15, 17),
+    "samm": (2, 4, 7, 12),
+    "4dme": (1, 2, 4, 6, 7, 12, 17, 45),
+}
+DATASETS: tuple[str, ...] = tuple(DATASET_AUS)
+
+# Cross-domain evaluation uses the AUs both datasets annotate.
+CROSS_DOMAIN_AUS: tuple[int, ...] = (2, 4, 7, 12)
+
+# Ablation variants (Table 3) plus the no-LLM baseline row.
+VARIANTS: tuple[str, ...] = ("all", "f_high", "f_mid", "efp_linear", "prompt_learning", "no_llm")
+VARIANTS_WITHOUT_LLM: frozenset[str] = frozenset({"no_llm"})
+
+TOKEN_POSITIONS: tuple[str, ...] = ("prepend", "append")
+
+NUM_FRAMES = 6  # T
+FRAME_SIZE = 64  # H = W
+PAPER_PROMPT = "Analyze the facial features to classify action units:"
