@@ -1,0 +1,38 @@
+"""Shared fixtures: synthetic datasets and the tiny LLM, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# No code path may reach the Hugging Face hub: a hub id fails fast instead of retrying for 24 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen2 saved to disk, loaded through the same from_pretrained path as a 1.5B checkpoint."""
+    from aullm.model.tiny import build_tiny_llm
+
+    return build_tiny_llm(tmp_path_factory.mktemp("models") / "tiny-qwen2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def casme2_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-subject synthetic dataset in the official CASME II layout."""
+    from aullm.data.synth import write_synthetic
+
+    return write_synthetic("casme2", tmp_path_factory.mktemp("data") / "casme2", subjects=6, seed=0)
+
+
+@pytest.fixture(scope="session")
+def samm_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from aullm.data.synth import write_synthetic
+
+    return write_synthetic("samm", tmp_path_factory.mktemp("data") / "samm", subjects=4, seed=1)
