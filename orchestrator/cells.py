@@ -1,0 +1,303 @@
+"""A sweep expanded into cells (one training run each), and cells packed into array tasks.
+
+A cell is one (data unit, LLM, variant, seed): a LOSO fold of a dataset, or a
+cross-domain pair. Its id is built from those values only, so it is the same on every
+expansion whatever the order of the sweep file, and it names the cell's result file.
+
+Packing: loading a 1.5B LLM costs about as much as training a cell (DESIGN.md §7), so
+cells sharing an LLM are packed into tasks of at most `cells_per_task`, and tasks into
+arrays no larger than the cluster's MaxArraySize.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from aullm.constants import VARIANTS, VARIANTS_WITHOUT_LLM
+from aullm.errors import UserInputError
+
+if TYPE_CHECKING:  # the spec module loads pydantic; readers of a manifest need not
+    from orchestrator.spec import SweepSpec
+
+NO_LLM = "none"  # the LLM part of the id (and group) of a cell without an LLM
+ID_SEPARATOR = "__"
+_UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
+
+T = TypeVar("T")
+
+
+def natural_key(text: str) -> tuple[Any, ...]:
+    """'sub2' < 'sub10': digit runs compare as numbers."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+
+
+def _safe(text: str) -> str:
+    return _UNSAFE.sub("-", text).strip("-")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the grid.
+
+    For LOSO, `dataset` = `train_dataset` = `test_dataset` and `fold` is the held-out
+    subject (as written in the sheet). For cross-domain, `dataset` is the label
+    '<train>_to_<test>' and `fold` is None. `llm` and `llm_path` are None for variants
+    without an LLM (no_llm).
+    """
+
+    cell_id: str
+    kind: Literal["loso", "cross_domain"]
+    dataset: str
+    train_dataset: str
+    test_dataset: str
+    fold: str | None
+    llm: str | None
+    llm_path: str | None
+    variant: str
+    seed: int
+
+    @property
+    def group(self) -> tuple[str, str, str]:
+        """(data, llm, variant): the cells whose folds the collector pools (per seed)."""
+        return (self.dataset, self.llm or NO_LLM, self.variant)
+
+    @property
+    def group_id(self) -> str:
+        """The group as one string, 'casme2/qwen2-1.5b/all' (the manifest's `group`)."""
+        return "/".join(self.group)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Manifest record: every field, plus `group` (derived) for readers of the JSON."""
+        return {**dataclasses.asdict(self), "group": self.group_id}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Cell:
+        """From a manifest record; derived keys such as `group` are ignored."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise ValueError(f"cell record lacks {', '.join(missing)}")
+        return cls(**{n: data[n] for n in names})
+
+    def params(self) -> dict[str, str | int]:
+        """Flat values for MLflow params (no None: MLflow stores them as the text 'None')."""
+        return {
+            "cell_id": self.cell_id,
+            "protocol": self.kind,
+            "dataset": self.dataset,
+            "train_dataset": self.train_dataset,
+            "test_dataset": self.test_dataset,
+            "fold": self.fold or "",
+            "llm": self.llm or NO_LLM,
+            "variant": self.variant,
+            "seed": self.seed,
+        }
+
+    def tags(self, sweep_name: str) -> dict[str, str]:
+        """MLflow tags that let the UI filter and group runs of one sweep."""
+        return {
+            "aullm.sweep": sweep_name,
+            "aullm.cell_id": self.cell_id,
+            "aullm.kind": "cell",
+            "aullm.protocol": self.kind,
+            "aullm.dataset": self.dataset,
+            "aullm.fold": self.fold or "",
+            "aullm.llm": self.llm or NO_LLM,
+            "aullm.variant": self.variant,
+            "aullm.seed": str(self.seed),
+            "aullm.group": self.group_id,
+        }
+
+
+def cross_domain_label(train: str, test: str) -> str:
+    return f"{train}_to_{test}"
+
+
+def make_cell_id(
+    *, kind: str, train: str, test: str, fold: str | None, llm: str | None, variant: str, seed: int
+) -> str:
+    """`casme2-loso-sub01__qwen2-1.5b__all__s1`, `casme2-to-samm__none__no_llm__s1`."""
+    if kind == "loso":
+        if fold is None:
+            raise ValueError("a LOSO cell needs a fold")
+        data = f"{train}-loso-{_safe(fold)}"
+    else:
+        data = f"{train}-to-{test}"
+    return ID_SEPARATOR.join((data, llm or NO_LLM, variant, f"s{seed}"))
+
+
+def _sort_key(cell: Cell) -> tuple[Any, ...]:
+    # LLM first (packing keeps an LLM's cells together), then data, variant, seed, fold.
+    return (
+        cell.llm or "",
+        cell.kind != "loso",
+        cell.train_dataset,
+        cell.test_dataset,
+        VARIANTS.index(cell.variant) if cell.variant in VARIANTS else len(VARIANTS),
+        cell.variant,
+        cell.seed,
+        natural_key(cell.fold or ""),
+        cell.cell_id,
+    )
+
+
+def sort_cells(cells: Iterable[Cell]) -> list[Cell]:
+    """The canonical order: the same set of cells always comes out the same way."""
+    return sorted(cells, key=_sort_key)
+
+
+def expand(spec: SweepSpec, subjects_by_dataset: Mapping[str, Sequence[str]]) -> list[Cell]:
+    """Every cell of the grid, in canonical order.
+
+    `subjects_by_dataset` maps each LOSO dataset to its subjects (from the sheets, see
+    `spec.validate_paths`; tests pass lists directly). A dataset's `folds` subset, when
+    given, replaces its subject list. A cell that several blocks produce (same id) is
+    kept once: blocks are a union, and overlapping blocks are a convenience, not an error.
+    """
+    cells: dict[str, Cell] = {}
+
+    def add(cell: Cell) -> None:
+        previous = cells.get(cell.cell_id)
+        if previous is not None and previous != cell:
+            raise UserInputError(
+                f"{spec.source}: cells {previous.fold!r} and {cell.fold!r} get the same id {cell.cell_id!r}; "
+                "subject ids must differ in more than punctuation"
+            )
+        cells[cell.cell_id] = cell
+
+    for index, block in enumerate(spec.grid):
+        llm_names = spec.block_llms(block)
+        seeds = spec.block_seeds(block)
+        choices: list[tuple[str, str | None]] = []
+        for variant in block.variants:
+            if variant in VARIANTS_WITHOUT_LLM:
+                choices.append((variant, None))
+            else:
+                choices.extend((variant, llm) for llm in llm_names)
+
+        units: list[tuple[str, str, str | None]] = []  # (train, test, fold)
+        if block.protocol == "loso":
+            for name in block.datasets or []:
+                for fold in _folds(spec, name, subjects_by_dataset, index):
+                    units.append((name, name, fold))
+        else:
+            units.extend((pair.train, pair.test, None) for pair in block.pairs or [])
+
+        for train, test, fold in units:
+            for variant, llm in choices:
+                for seed in seeds:
+                    kind: Literal["loso", "cross_domain"] = "loso" if fold is not None else "cross_domain"
+                    add(
+                        Cell(
+                            cell_id=make_cell_id(
+                                kind=kind, train=train, test=test, fold=fold, llm=llm, variant=variant, seed=seed
+                            ),
+                            kind=kind,
+                            dataset=train if kind == "loso" else cross_domain_label(train, test),
+                            train_dataset=train,
+                            test_dataset=test,
+                            fold=fold,
+                            llm=llm,
+                            llm_path=spec.llms[llm].path if llm is not None else None,
+                            variant=variant,
+                            seed=seed,
+                        )
+                    )
+    return sort_cells(cells.values())
+
+
+def _folds(spec: SweepSpec, name: str, subjects_by_dataset: Mapping[str, Sequence[str]], block: int) -> list[str]:
+    if name not in subjects_by_dataset:
+        raise ValueError(f"no subject list for dataset {name!r} (grid[{block}]); read it with validate_paths")
+    subjects = [str(s) for s in subjects_by_dataset[name]]
+    if not subjects:
+        raise spec.field_error(("datasets", name), "the coding sheet lists no subjects")
+    wanted = spec.datasets[name].folds
+    if wanted is None:
+        return subjects
+    present = set(subjects)
+    for i, fold in enumerate(wanted):
+        if fold not in present:
+            raise spec.field_error(("datasets", name, "folds", i), f"subject '{fold}' is not in {name}")
+    return list(wanted)
+
+
+# ---------------------------------------------------------------- packing
+
+
+def _balanced_chunks(items: Sequence[T], limit: int) -> list[list[T]]:
+    """Fewest chunks of at most `limit` items, sizes differing by at most one.
+
+    26 cells at 8 per task give 7+7+6+6, not 8+8+8+2: an array finishes with its
+    slowest task, so even tasks finish sooner.
+    """
+    if limit < 1:
+        raise ValueError(f"chunk size must be >= 1, got {limit}")
+    if not items:
+        return []
+    count = math.ceil(len(items) / limit)
+    base, extra = divmod(len(items), count)
+    chunks: list[list[T]] = []
+    start = 0
+    for i in range(count):
+        size = base + (1 if i < extra else 0)
+        chunks.append(list(items[start : start + size]))
+        start += size
+    return chunks
+
+
+def pack_key(cell: Cell) -> tuple[str]:
+    """What the cells of one task must share: the LLM it loads once (none for no_llm)."""
+    return (cell.llm_path or "",)
+
+
+def pack(cells: Iterable[Cell], cells_per_task: int) -> list[list[Cell]]:
+    """Tasks of at most `cells_per_task` cells sharing one LLM; deterministic order."""
+    if cells_per_task < 1:
+        raise ValueError(f"cells_per_task must be >= 1, got {cells_per_task}")
+    groups: dict[tuple[str], list[Cell]] = {}
+    for cell in sort_cells(cells):
+        groups.setdefault(pack_key(cell), []).append(cell)
+    tasks: list[list[Cell]] = []
+    for key in sorted(groups):
+        tasks.extend(_balanced_chunks(groups[key], cells_per_task))
+    return tasks
+
+
+def split_arrays(tasks: Sequence[T], max_array_size: int) -> list[list[T]]:
+    """Cut tasks into arrays of at most `max_array_size` (balanced, order kept)."""
+    return _balanced_chunks(tasks, max_array_size)
+
+
+def submission_plan(spec: SweepSpec, cells: Sequence[Cell], *, skipped_done: int = 0) -> dict[str, Any]:
+    """What `submit` would do with `cells` (the cells still to run): JSON-ready."""
+    res = spec.resources
+    tasks = pack(cells, res.cells_per_task)
+    arrays = split_arrays(tasks, res.max_array_size) if res.max_array_size else ([tasks] if tasks else [])
+    return {
+        "sweep": spec.name,
+        "output_dir": str(spec.output_dir),
+        "executor": res.executor,
+        "cells": len(cells),
+        "cell_ids": [c.cell_id for c in sort_cells(cells)],
+        "tasks": len(tasks),
+        "skipped_done": skipped_done,
+        "arrays": [
+            {
+                "index": i,
+                "task_count": len(array),
+                "cell_count": sum(len(t) for t in array),
+                "cells_per_task": max(len(t) for t in array),
+                "min_cells_per_task": min(len(t) for t in array),
+                "array_parallelism": res.array_parallelism,
+                "llms": sorted({c.llm or NO_LLM for t in array for c in t}),
+            }
+            for i, array in enumerate(arrays)
+        ],
+        "resources": res.model_dump(mode="json"),
+    }

@@ -1,0 +1,435 @@
+"""The sweep directory: the durable record of a sweep (DESIGN.md §3).
+
+    <out>/manifest.json          spec snapshot (paths absolute, profile merged) + cells
+    <out>/results/<cell_id>.json one per finished cell (status done or failed)
+    <out>/jobs.json              submissions: job id -> the cells of each array task
+    <out>/attempts/<cell_id>     how many times a task started the cell
+    <out>/checkpoints/           resumable state of preempted cells
+    <out>/running/<cell_id>.json marker: a task is training this cell now
+    <out>/logs/                  scheduler output
+    <out>/lock                   held by `submit` / `retry` while they change the record
+
+Every file is written atomically (temp file in the same folder, fsync, os.replace), so
+a reader sees the old or the new version, never half of one, and a killed writer
+leaves no partial file behind. Nothing here imports torch, mlflow or submitit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aullm.errors import UserInputError
+from orchestrator.cells import Cell
+
+if TYPE_CHECKING:
+    from filelock import FileLock
+
+    from orchestrator.spec import SweepSpec
+    from orchestrator.tracking import TrackingConfig
+
+MANIFEST_FORMAT = 1
+RESULT_STATUSES = ("done", "failed")
+# Result files are written with their small top-level fields first, one per line
+# (`indent=1`), so status/error/finished_at can be read from the first bytes without
+# parsing the predictions: `status` reads a thousand results in a blink.
+_SUMMARY_FIRST = ("cell_id", "status", "error", "finished_at", "started_at", "attempt", "host")
+_HEAD_BYTES = 16384
+_HEAD_LINE = re.compile(r'^ "[^"]+": ("(?:[^"\\]|\\.)*"|-?[0-9][0-9.eE+-]*|true|false|null|NaN|-?Infinity),?$')
+
+# One FileLock per lock file in this process: filelock is re-entrant per instance,
+# so every SweepDir of the same folder shares it (submit holds the lock while
+# helpers it calls take it again).
+_LOCKS: dict[str, Any] = {}
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    # The rename itself is durable only once the directory entry is flushed.
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def dumps_record(payload: Any) -> str:
+    """JSON with one top-level key per line and compact values.
+
+    Indenting nested lists would put every probability on its own line (several
+    times the size); one line per key keeps files small and lets the summary fields
+    at the top be read line by line.
+    """
+    if not isinstance(payload, dict) or not payload:
+        return json.dumps(payload, indent=1) + "\n"
+    lines = [f" {json.dumps(str(k))}: {json.dumps(v, separators=(',', ':'))}" for k, v in payload.items()]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
+
+
+def _check_cell_id(cell_id: str) -> str:
+    # Cell ids become file names: refuse anything that could escape the folder.
+    if not cell_id or "/" in cell_id or "\\" in cell_id or cell_id.startswith(".") or "\0" in cell_id:
+        raise ValueError(f"not a cell id: {cell_id!r}")
+    return cell_id
+
+
+class SweepDir:
+    """One sweep directory. Constructing it touches nothing on disk."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock: FileLock | None = None
+        self._manifest: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"SweepDir({str(self.path)!r})"
+
+    # ------------------------------------------------------------ layout
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.path / "results"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def jobs_path(self) -> Path:
+        return self.path / "jobs.json"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / "lock"
+
+    @property
+    def attempts_dir(self) -> Path:
+        return self.path / "attempts"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def running_dir(self) -> Path:
+        return self.path / "running"
+
+    def result_path(self, cell_id: str) -> Path:
+        return self.results_dir / f"{_check_cell_id(cell_id)}.json"
+
+    def checkpoint_path(self, cell_id: str) -> Path:
+        return self.checkpoints_dir / f"{_check_cell_id(cell_id)}.pt"
+
+    def exists(self) -> bool:
+        """Has this sweep been submitted (is there a manifest)?"""
+        return self.manifest_path.is_file()
+
+    has_manifest = exists
+
+    def create(self) -> None:
+        for folder in (self.path, self.results_dir, self.logs_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------ manifest
+
+    def write_manifest(
+        self, spec: SweepSpec | dict[str, Any], cells: Iterable[Cell], *, sweep_file: str | None = None
+    ) -> dict[str, Any]:
+        """Write (or rewrite) the manifest; keeps the first `created` time."""
+        snapshot = spec if isinstance(spec, dict) else spec.snapshot()
+        created = now_iso()
+        if self.manifest_path.is_file():
+            with contextlib.suppress(UserInputError):
+                created = self.read_manifest().get("created", created)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "name": snapshot.get("name"),
+            "created": created,
+            "updated": now_iso(),
+            "sweep_file": sweep_file,
+            "spec": snapshot,
+            "cells": [c.to_dict() for c in cells],
+        }
+        self.create()
+        atomic_write_json(self.manifest_path, manifest)
+        self._manifest = manifest
+        return manifest
+
+    def read_manifest(self) -> dict[str, Any]:
+        """The manifest as stored: {format, name, created, updated, sweep_file, spec, cells}."""
+        if self._manifest is None:
+            if not self.manifest_path.is_file():
+                raise UserInputError(
+                    f"{self.path}: not a sweep directory (no manifest.json); `aullm-grid submit SWEEP` creates it"
+                )
+            try:
+                manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise UserInputError(f"{self.manifest_path}: unreadable manifest ({exc})") from None
+            if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+                raise UserInputError(
+                    f"{self.manifest_path}: manifest format {manifest.get('format') if isinstance(manifest, dict) else '?'} "
+                    f"is not {MANIFEST_FORMAT}"
+                )
+            self._manifest = manifest
+        return self._manifest
+
+    def spec(self) -> SweepSpec:
+        """The spec snapshot, as a SweepSpec."""
+        from orchestrator.spec import SweepSpec
+
+        return SweepSpec.from_snapshot(self.read_manifest()["spec"], source=str(self.manifest_path))
+
+    def cells(self) -> list[Cell]:
+        return [Cell.from_dict(c) for c in self.read_manifest()["cells"]]
+
+    def cell(self, cell_id: str) -> Cell:
+        for record in self.read_manifest()["cells"]:
+            if record.get("cell_id") == cell_id:
+                return Cell.from_dict(record)
+        raise UserInputError(f"{self.path}: no cell {cell_id!r} in the manifest")
+
+    def dataset_config(self, name: str) -> dict[str, Any]:
+        """A dataset's entry of the spec snapshot (layout, root, sheet, frames_dir, folds)."""
+        datasets = self.read_manifest()["spec"]["datasets"]
+        if name not in datasets:
+            raise UserInputError(f"{self.path}: no dataset {name!r} in the manifest")
+        return dict(datasets[name])
+
+    @property
+    def cache_dir(self) -> Path:
+        value = self.read_manifest()["spec"].get("cache_dir")
+        return Path(value) if value else self.path / "cache"
+
+    def tracking_config(self) -> TrackingConfig:
+        """The sweep's MLflow settings (`uri` None = the embedded store in this directory)."""
+        from orchestrator.tracking import TrackingConfig  # imports no mlflow
+
+        spec = self.read_manifest()["spec"]
+        values = dict(spec.get("tracking") or {})
+        values["experiment"] = values.get("experiment") or spec.get("name")
+        known = {f.name for f in dataclasses.fields(TrackingConfig)}
+        return TrackingConfig(**{k: v for k, v in values.items() if k in known and v is not None})
+
+    # ------------------------------------------------------------ results
+
+    def write_result(self, cell_id: str, payload: dict[str, Any]) -> Path:
+        """Store one cell's result atomically; clears the cell's running marker.
+
+        `payload['status']` is done or failed. Payload schema (the collector reads it):
+        {cell_id, status, metrics?, predictions: {sample_keys, subjects, probs, labels,
+        aus}, epoch_losses, timing, host, slurm: {job_id, array_job_id, array_task_id},
+        error?}.
+        """
+        if payload.get("cell_id", cell_id) != cell_id:
+            raise ValueError(f"payload is for {payload.get('cell_id')!r}, not {cell_id!r}")
+        status = payload.get("status")
+        if status not in RESULT_STATUSES:
+            raise ValueError(f"result status must be one of {RESULT_STATUSES}, got {status!r}")
+        ordered: dict[str, Any] = {"cell_id": cell_id}
+        ordered.update((k, payload[k]) for k in _SUMMARY_FIRST if k in payload and k != "cell_id")
+        ordered.update((k, v) for k, v in payload.items() if k not in ordered)
+        path = self.result_path(cell_id)
+        atomic_write_text(path, dumps_record(ordered))
+        self.clear_running(cell_id)
+        return path
+
+    def result_exists(self, cell_id: str, status: str | None = None) -> bool:
+        """Is there a result file (with this status, if given)?"""
+        path = self.result_path(cell_id)
+        if not path.is_file():
+            return False
+        return status is None or self._summary_of(path).get("status") == status
+
+    def read_result(self, cell_id: str) -> dict[str, Any]:
+        path = self.result_path(cell_id)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserInputError(f"{path}: no result for cell {cell_id!r}") from None
+        except ValueError as exc:
+            raise UserInputError(f"{path}: not a valid result file ({exc})") from None
+
+    @staticmethod
+    def _summary_of(path: Path) -> dict[str, Any]:
+        """The top-level scalar fields that lead the file (at least cell_id and status)."""
+        try:
+            with path.open("rb") as handle:
+                head = handle.read(_HEAD_BYTES).decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return {}
+        summary: dict[str, Any] = {}
+        lines = head.split("\n")
+        if lines and lines[0] == "{":
+            for line in lines[1:-1]:  # the last line may be cut off by the read limit
+                if not _HEAD_LINE.match(line):
+                    break
+                try:
+                    summary.update(json.loads("{" + line.rstrip(",") + "}"))
+                except ValueError:
+                    break
+        if "status" in summary:
+            return summary
+        try:  # written some other way: parse all of it
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if not isinstance(v, (dict, list))}
+
+    def result_summaries(self) -> dict[str, dict[str, Any]]:
+        """cell_id -> {status, error?, finished_at?, ...} of every result file, cheaply."""
+        found: dict[str, dict[str, Any]] = {}
+        if not self.results_dir.is_dir():
+            return found
+        for entry in os.scandir(self.results_dir):
+            name = entry.name
+            if name.startswith(".") or not name.endswith(".json"):
+                continue
+            summary = self._summary_of(Path(entry.path))
+            if summary.get("status") in RESULT_STATUSES:
+                found[name[: -len(".json")]] = summary
+        return found
+
+    def statuses(self) -> dict[str, str]:
+        """cell_id -> done | failed, for every result file."""
+        return {cid: s["status"] for cid, s in self.result_summaries().items()}
+
+    def done_cell_ids(self) -> set[str]:
+        return {cid for cid, status in self.statuses().items() if status == "done"}
+
+    def failed_cell_ids(self) -> set[str]:
+        return {cid for cid, status in self.statuses().items() if status == "failed"}
+
+    def remove_result(self, cell_id: str) -> None:
+        """Forget a result (retry of a failed cell)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.result_path(cell_id).unlink()
+
+    # ------------------------------------------------------------ running markers
+
+    def mark_running(self, cell_id: str, info: dict[str, Any] | None = None) -> None:
+        """Note that a task has started training the cell (cleared by write_result)."""
+        atomic_write_json(self.running_dir / f"{_check_cell_id(cell_id)}.json", {"started_at": now_iso(), **(info or {})})
+
+    def clear_running(self, cell_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.running_dir / f"{_check_cell_id(cell_id)}.json").unlink()
+
+    def running_markers(self) -> dict[str, dict[str, Any]]:
+        """cell_id -> marker of cells a task is training now (or was, if it was killed)."""
+        found: dict[str, dict[str, Any]] = {}
+        if not self.running_dir.is_dir():
+            return found
+        for entry in os.scandir(self.running_dir):
+            if entry.name.startswith(".") or not entry.name.endswith(".json"):
+                continue
+            try:
+                found[entry.name[: -len(".json")]] = json.loads(Path(entry.path).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # removed or replaced while we listed it
+        return found
+
+    # ------------------------------------------------------------ attempts
+
+    def attempts(self, cell_id: str) -> int:
+        try:
+            return int((self.attempts_dir / _check_cell_id(cell_id)).read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def bump_attempts(self, cell_id: str) -> int:
+        """Count one more start of the cell; returns the new count."""
+        count = self.attempts(cell_id) + 1
+        atomic_write_text(self.attempts_dir / _check_cell_id(cell_id), f"{count}\n")
+        return count
+
+    def reset_attempts(self, cell_ids: Iterable[str]) -> None:
+        for cell_id in cell_ids:
+            with contextlib.suppress(FileNotFoundError):
+                (self.attempts_dir / _check_cell_id(cell_id)).unlink()
+
+    # ------------------------------------------------------------ submissions
+
+    def submissions(self) -> list[dict[str, Any]]:
+        """Every submission recorded, oldest first."""
+        try:
+            records = json.loads(self.jobs_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        except ValueError as exc:
+            raise UserInputError(f"{self.jobs_path}: unreadable submission record ({exc})") from None
+        if not isinstance(records, list):
+            raise UserInputError(f"{self.jobs_path}: expected a list of submissions")
+        return records
+
+    def record_submission(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Append one submission record (job ids -> cells; the submitter's schema).
+
+        Read-append-replace under the sweep lock, so concurrent submitters cannot
+        lose each other's records; `recorded_at` is added.
+        """
+        entry = {**record, "recorded_at": now_iso()}
+        with self.lock():
+            records = self.submissions()
+            records.append(entry)
+            atomic_write_json(self.jobs_path, records)
+        return entry
+
+    # ------------------------------------------------------------ lock
+
+    @contextlib.contextmanager
+    def lock(self, timeout: float = 30.0) -> Iterator[None]:
+        """Exclusive hold on the sweep directory (re-entrant within one SweepDir)."""
+        from filelock import FileLock, Timeout
+
+        if self._lock is None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            key = str(self.lock_path.resolve())
+            if key not in _LOCKS:
+                _LOCKS[key] = FileLock(key)
+            self._lock = _LOCKS[key]
+        try:
+            self._lock.acquire(timeout=timeout)
+        except Timeout:
+            raise UserInputError(
+                f"{self.lock_path}: another aullm-grid command holds this sweep; wait for it to finish"
+            ) from None
+        try:
+            yield
+        finally:
+            self._lock.release()

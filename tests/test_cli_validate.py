@@ -1,0 +1,209 @@
+"""`aullm-grid validate` / `submit --dry-run` / `data synth` on real (synthetic) datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator import cli
+from orchestrator.ledger import SweepDir
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+SUBJECTS = 3
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Synthetic CASME II and SAMM written by `aullm-grid data synth`, and a model folder."""
+    root = tmp_path_factory.mktemp("assets")
+    for layout in ("casme2", "samm"):
+        code = cli.main(
+            ["data", "synth", "--layout", layout, "--out", str(root / layout),
+             "--subjects", str(SUBJECTS), "--clips-per-subject", "1"]
+        )
+        assert code == 0
+    model = root / "models" / "tiny"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")  # validate checks the folder, it never loads it
+    return {"casme2": root / "casme2", "samm": root / "samm", "model": model}
+
+
+def good_sweep(tmp_path: Path, assets: dict[str, Path], **over: object) -> Path:
+    spec = {
+        "name": "t",
+        "output_dir": "out",
+        "datasets": {"casme2": {"root": str(assets["casme2"])}, "samm": {"root": str(assets["samm"])}},
+        "llms": {"tiny": {"path": str(assets["model"])}},
+        "grid": [
+            {"datasets": ["casme2", "samm"], "variants": ["all", "no_llm"]},
+            {"protocol": "cross_domain", "pairs": [{"train": "casme2", "test": "samm"}], "variants": ["all"]},
+        ],
+        "training": {"epochs": 3},
+        "resources": {"executor": "local", "cells_per_task": 4},
+        **over,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+EXPECTED_CELLS = 2 * SUBJECTS * 2 + 1  # (casme2 + samm folds) x (all, no_llm) + one cross-domain
+
+
+def test_synth_wrote_the_official_layout(assets: dict[str, Path]) -> None:
+    assert list(assets["casme2"].glob("CASME2-coding-*.xlsx"))
+    assert (assets["samm"] / "SAMM_Micro_FACS_Codes_v2.xlsx").is_file()
+
+
+def test_validate_counts_cells(tmp_path: Path, assets: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    path = good_sweep(tmp_path, assets)
+    assert cli.main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"cells: {EXPECTED_CELLS} " in out and "valid" in out
+    assert cli.main(["validate", str(path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["cells"] == EXPECTED_CELLS
+    assert summary["subjects"] == {"casme2": SUBJECTS, "samm": SUBJECTS}
+    assert summary["tasks"] == 2 + 2  # 6 no_llm cells -> 2 tasks of <= 4; 7 tiny-LLM cells -> 2 tasks
+    assert not (tmp_path / "out").exists()
+
+
+def test_submit_dry_run_prints_the_plan_and_writes_nothing(
+    tmp_path: Path, assets: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = good_sweep(tmp_path, assets)
+    assert cli.main(["submit", str(path), "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["cells"] == EXPECTED_CELLS
+    assert len(plan["cell_ids"]) == EXPECTED_CELLS and "casme2-to-samm__tiny__all__s1" in plan["cell_ids"]
+    assert plan["skipped_done"] == 0
+    assert plan["tasks"] == sum(a.get("tasks", a.get("task_count", 0)) for a in plan["arrays"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_without_the_submitter_uses_the_built_in_plan(
+    tmp_path: Path, assets: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = cli._optional
+    monkeypatch.setattr(cli, "_optional", lambda m, a: None if m == "orchestrator.submit" else real(m, a))
+    path = good_sweep(tmp_path, assets)
+    # one cell already done: it is skipped, and the dry run still writes nothing more
+    done_id = "samm-loso-006__none__no_llm__s1"
+    SweepDir(tmp_path / "out").write_result(done_id, {"status": "done"})
+    assert cli.main(["submit", str(path), "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["cells"] == EXPECTED_CELLS and plan["skipped_done"] == 1 and plan["to_submit"] == EXPECTED_CELLS - 1
+    assert [a["cells_per_task"] for a in plan["arrays"]] == [4]
+    assert sum(a["cell_count"] for a in plan["arrays"]) == EXPECTED_CELLS - 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results"]
+    # a real submission without the submitter: a clear message, exit 1, still nothing written
+    assert cli.main(["submit", str(path)]) == 1
+    assert "orchestrator.submit" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results"]
+
+
+def test_changed_training_settings_are_refused(
+    tmp_path: Path, assets: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from orchestrator.cli import prepare
+
+    spec, _, cells = prepare(str(good_sweep(tmp_path, assets)))
+    SweepDir(spec.output_dir).write_manifest(spec, cells)
+    path = good_sweep(tmp_path, assets, training={"epochs": 5})
+    assert cli.main(["submit", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training.epochs" in err[0] and "new output_dir" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expect"),
+    [
+        ([], "validate"),
+        (["validate"], "Check a sweep file"),
+        (["submit"], "--dry-run"),
+        (["status"], "--watch"),
+        (["collect"], "--out"),
+        (["retry"], "--failed"),
+        (["cancel"], "Cancel every live job"),
+        (["data"], "synth"),
+        (["data", "synth"], "--layout"),
+    ],
+)
+def test_every_command_has_help(argv: list[str], expect: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    assert expect in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["frobnicate"], ["validate"], ["data", "synth", "--layout", "casme9", "--out", "x"],
+     ["data", "synth", "--layout", "samm", "--out", "x", "--subjects", "0"], ["status", "--watch", "-1"]],
+)
+def test_usage_errors_are_one_line_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error" in err[0]
+
+
+def test_optional_lookup_distinguishes_absent_modules() -> None:
+    assert cli._optional("orchestrator.no_such_module", "main") is None
+    assert cli._optional("orchestrator.cells", "no_such_function") is None
+    assert cli._optional("orchestrator.cells", "pack") is not None
+
+
+# ---------------------------------------------------------------- as a subprocess
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_subprocess_validate_good_and_bad(tmp_path: Path, assets: dict[str, Path]) -> None:
+    good = good_sweep(tmp_path, assets)
+    started = time.perf_counter()
+    proc = run_cli("validate", str(good))
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stderr
+    assert f"cells: {EXPECTED_CELLS} " in proc.stdout
+    print(f"validate took {elapsed:.2f} s")  # reported, not asserted (shared CI cores)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text().replace("executor: local", "executor: slrum"))
+    line = next(i for i, text in enumerate(bad.read_text().splitlines(), 1) if "slrum" in text)
+    proc = run_cli("validate", str(bad))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [
+        f"aullm-grid: error: {bad}: field 'resources.executor': 'slrum' is not one of slurm, local, debug (line {line})"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_commands_do_not_import_heavy_libraries(tmp_path: Path, assets: dict[str, Path]) -> None:
+    """validate and submit --dry-run must answer without torch, transformers, mlflow, submitit."""
+    good = good_sweep(tmp_path, assets)
+    code = (
+        "import sys\n"
+        "from orchestrator.cli import main\n"
+        f"assert main(['validate', {str(good)!r}]) == 0\n"
+        f"assert main(['submit', {str(good)!r}, '--dry-run']) == 0\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'mlflow', 'submitit', 'peft', 'deepspeed') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout
