@@ -1,0 +1,345 @@
+"""Submission: cells -> packed tasks -> arrays under MaxArraySize -> submitit.
+
+`submit_sweep` holds the sweep directory's lock for its whole run, so two concurrent
+`submit`s of one sweep submit each cell once: the second sees the first's live jobs.
+It returns at once on every executor: Slurm queues the arrays (plus a collector job
+depending on them, `afterany`); `local` starts a detached supervisor that feeds the
+tasks to submitit's LocalExecutor at most `max_local_workers` at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.cells import Cell, pack, split_arrays
+from orchestrator.ledger import SweepDir
+
+# Environment every task gets: no code path may reach the Hugging Face hub at run time.
+JOB_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass
+class Plan:
+    """What a submit would do; `--dry-run --json` prints exactly this."""
+
+    cells: list[Cell]
+    todo: list[Cell]
+    skipped_done: list[str]
+    skipped_live: list[str]
+    arrays: list[list[list[Cell]]]  # arrays -> tasks -> cells
+    max_array_size: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cells": len(self.cells),
+            "to_submit": len(self.todo),
+            "skipped_done": len(self.skipped_done),
+            "skipped_live": len(self.skipped_live),
+            "tasks": sum(len(a) for a in self.arrays),
+            "max_array_size": self.max_array_size,
+            "arrays": [
+                {
+                    "task_count": len(a),
+                    "cells": sum(len(t) for t in a),
+                    "cells_per_task": max((len(t) for t in a), default=0),
+                    "llms": sorted({c.llm or "none" for t in a for c in t}),
+                }
+                for a in self.arrays
+            ],
+            "cell_ids": [c.cell_id for c in self.cells],
+        }
+
+
+def live_cell_ids(sweep: SweepDir) -> set[str]:
+    """Cells whose task is pending or running according to the scheduler (one query)."""
+    from orchestrator.status import task_states
+
+    live: set[str] = set()
+    for record, state in task_states(sweep).items():
+        if state.state in ("pending", "running"):
+            live.update(record.cell_ids)
+    return live
+
+
+def plan_submission(spec: Any, sweep: SweepDir, cells: list[Cell], *, retry_failed: bool = True, only: set[str] | None = None) -> Plan:
+    done = sweep.done_cell_ids()
+    failed = sweep.failed_cell_ids()
+    live = live_cell_ids(sweep) if sweep.submissions() else set()
+    todo, skipped_done, skipped_live = [], [], []
+    for cell in cells:
+        if only is not None and cell.cell_id not in only:
+            continue
+        if cell.cell_id in done:
+            skipped_done.append(cell.cell_id)
+        elif cell.cell_id in live:
+            skipped_live.append(cell.cell_id)
+        elif cell.cell_id in failed and not retry_failed:
+            continue
+        else:
+            todo.append(cell)
+    return _plan(spec, cells, todo, skipped_done, skipped_live, ask_cluster=True)
+
+
+def array_limit(spec: Any, *, ask_cluster: bool) -> int | None:
+    """Tasks per array: the cluster's MaxArraySize, or the sweep's own smaller limit."""
+    limits = [spec.resources.max_array_size] if spec.resources.max_array_size else []
+    if spec.resources.executor == "slurm":
+        from orchestrator.scheduler import SchedulerError, max_array_size
+
+        try:
+            limits.append(max_array_size())
+        except SchedulerError:
+            if ask_cluster:
+                raise
+            # planning on a machine without Slurm (a dry run on a laptop): arrays shown unsplit
+    return min(limits) if limits else None
+
+
+def _plan(spec: Any, cells: list[Cell], todo: list[Cell], skipped_done: list[str], skipped_live: list[str],
+          *, ask_cluster: bool) -> Plan:
+    tasks = pack(todo, spec.resources.cells_per_task)
+    limit = array_limit(spec, ask_cluster=ask_cluster)
+    arrays = split_arrays(tasks, limit) if limit else ([tasks] if tasks else [])
+    return Plan(cells, todo, skipped_done, skipped_live, arrays, limit)
+
+
+def _timeout_min(time_value: Any) -> int:
+    if isinstance(time_value, (int, float)):
+        return int(time_value)
+    parts = [int(p) for p in str(time_value).replace("-", ":").split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    if len(parts) == 4:  # D-HH:MM:SS
+        d, h, m, s = parts
+        return d * 1440 + h * 60 + m + (1 if s else 0)
+    h, m, s = parts
+    return h * 60 + m + (1 if s else 0)
+
+
+def slurm_parameters(resources: Any) -> dict[str, Any]:
+    """Map the sweep's resources onto submitit's Slurm parameters."""
+    params: dict[str, Any] = {
+        "slurm_partition": resources.partition,
+        "timeout_min": _timeout_min(resources.time),
+        "cpus_per_task": resources.cpus_per_task,
+        "slurm_array_parallelism": resources.array_parallelism,
+        "slurm_signal_delay_s": resources.signal_delay_s,
+        "slurm_setup": [f"export {k}={v}" for k, v in JOB_ENV.items()],
+        "stderr_to_stdout": True,
+    }
+    extra: dict[str, Any] = {"requeue": True}
+    if resources.mem:
+        extra["mem"] = resources.mem
+    if resources.account:
+        params["slurm_account"] = resources.account
+    if resources.qos:
+        params["slurm_qos"] = resources.qos
+    if resources.gres:
+        params["slurm_gres"] = resources.gres
+    if resources.gpus_per_node:
+        params["gpus_per_node"] = resources.gpus_per_node
+    extra.update(resources.extra_sbatch or {})
+    params["slurm_additional_parameters"] = extra
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _private_folder(path: Path) -> Path:
+    # Job folders hold pickled callables: a pickle is code, so only the owner may read it.
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def submit_slurm(spec: Any, sweep: SweepDir, plan: Plan) -> dict[str, Any]:
+    import submitit
+
+    from jobs.run_cells import run_task
+    from orchestrator.collect import collect_job
+
+    folder = _private_folder(sweep.path / "jobs")
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+    executor.update_parameters(name=f"aullm-{spec.name}", **slurm_parameters(spec.resources))
+    array_ids: list[str] = []
+    for array in plan.arrays:
+        with executor.batch():
+            jobs = [executor.submit(run_task, str(sweep.path), [c.cell_id for c in task]) for task in array]
+        array_id = jobs[0].job_id.split("_")[0]
+        array_ids.append(array_id)
+        sweep.record_submission(
+            {
+                "executor": "slurm",
+                "array_job_id": array_id,
+                "tasks": {str(i): [c.cell_id for c in task] for i, task in enumerate(array)},
+                "submitted_at": time.time(),
+            }
+        )
+    collector_id = None
+    if array_ids:
+        collect_ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+        params = slurm_parameters(spec.resources)
+        params.pop("gpus_per_node", None)
+        params.pop("slurm_gres", None)
+        params["slurm_additional_parameters"] = {
+            **params["slurm_additional_parameters"],
+            "dependency": "afterany:" + ":".join(array_ids),
+        }
+        collect_ex.update_parameters(name=f"aullm-{spec.name}-collect", **params)
+        collector = collect_ex.submit(collect_job, str(sweep.path))
+        collector_id = collector.job_id
+        sweep.record_submission({"executor": "slurm", "collector_job_id": collector_id, "after": array_ids, "submitted_at": time.time()})
+    return {"array_job_ids": array_ids, "collector_job_id": collector_id}
+
+
+def submit_local(spec: Any, sweep: SweepDir, plan: Plan) -> dict[str, Any]:
+    """Write the task list, then start a detached supervisor that runs it."""
+    folder = _private_folder(sweep.path / "jobs")
+    batch_id = f"local-{int(time.time() * 1000)}"
+    tasks = [[c.cell_id for c in task] for array in plan.arrays for task in array]
+    batch_file = folder / f"{batch_id}.json"
+    batch_file.write_text(json.dumps({"tasks": tasks, "workers": spec.resources.max_local_workers}))
+    log = open(sweep.path / "logs" / f"{batch_id}.supervisor.log", "ab")
+    env = {**os.environ, **JOB_ENV}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.local_supervisor", str(sweep.path), str(batch_file)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,  # survives the CLI; Ctrl-C in the terminal does not kill the sweep
+    )
+    sweep.record_submission(
+        {"executor": "local", "batch_id": batch_id, "supervisor_pid": proc.pid, "host": os.uname().nodename,
+         "tasks": {str(i): t for i, t in enumerate(tasks)}, "submitted_at": time.time()}
+    )
+    return {"batch_id": batch_id, "supervisor_pid": proc.pid}
+
+
+def submit_debug(spec: Any, sweep: SweepDir, plan: Plan) -> dict[str, Any]:
+    """Run every task in this process (submitit's DebugExecutor): for pdb, not for speed."""
+    import submitit
+
+    from jobs.run_cells import run_task
+
+    executor = submitit.AutoExecutor(folder=_private_folder(sweep.path / "jobs") / "%j", cluster="debug")
+    outcomes: dict[str, str] = {}
+    for array in plan.arrays:
+        for task in array:
+            outcomes.update(executor.submit(run_task, str(sweep.path), [c.cell_id for c in task]).result())
+    return {"outcomes": outcomes}
+
+
+def submit_sweep(spec: Any, sweep: SweepDir, cells: list[Cell], *, dry_run: bool = False,
+                 retry_failed: bool = True, only: set[str] | None = None) -> dict[str, Any]:
+    if dry_run:
+        plan = plan_submission(spec, sweep, cells, retry_failed=retry_failed, only=only) if sweep.exists() else _fresh_plan(spec, cells)
+        return {"dry_run": True, **plan.to_json()}
+    with sweep.lock():
+        sweep.write_manifest(spec, cells)
+        plan = plan_submission(spec, sweep, cells, retry_failed=retry_failed, only=only)
+        if not plan.todo:
+            return {"dry_run": False, "submitted": 0, **plan.to_json()}
+        from orchestrator.tracking import prepare_store
+
+        # Create the MLflow store and experiment once, before tasks race to do it.
+        prepare_store(sweep.tracking_config(), sweep.path)
+        sweep.reset_attempts([c.cell_id for c in plan.todo])
+        executor = spec.resources.executor
+        if executor == "slurm":
+            info = submit_slurm(spec, sweep, plan)
+        elif executor == "local":
+            info = submit_local(spec, sweep, plan)
+        else:
+            info = submit_debug(spec, sweep, plan)
+    return {"dry_run": False, "submitted": len(plan.todo), **plan.to_json(), **info}
+
+
+def _fresh_plan(spec: Any, cells: list[Cell]) -> Plan:
+    """Dry run of a sweep never submitted: nothing is done, nothing live, and nothing is written."""
+    return _plan(spec, cells, list(cells), [], [], ask_cluster=False)
+
+
+# -- retry and cancel ------------------------------------------------------------------
+
+
+def retry_main(args: Any) -> int:
+    """Re-submit failed or missing cells (or the named ones); done cells are never redone."""
+    from orchestrator.cli import prepare
+    from orchestrator.status import NEEDS_RETRY, cell_statuses
+
+    from aullm.errors import UserInputError
+
+    spec, _subjects, cells = prepare(args.sweep)
+    sweep = SweepDir(spec.output_dir)
+    if not sweep.exists():
+        raise UserInputError(f"{args.sweep}: not submitted yet (no manifest in {sweep.path}); use `aullm-grid submit`")
+    known = {c.cell_id for c in cells}
+    if args.cells:
+        unknown = [c for c in args.cells if c not in known]
+        if unknown:
+            raise UserInputError(f"{args.sweep}: --cells: no cell '{unknown[0]}' in this sweep")
+        only = set(args.cells)
+    else:
+        states = {s.cell_id: s.state for s in cell_statuses(sweep)}
+        wanted = NEEDS_RETRY if args.failed else NEEDS_RETRY | {"not_submitted"}
+        only = {cid for cid, st in states.items() if st in wanted}
+    done = sweep.done_cell_ids()
+    only -= done
+    result = submit_sweep(spec, sweep, cells, dry_run=bool(getattr(args, "dry_run", False)), only=only)
+    print(json.dumps({k: v for k, v in result.items() if k != "cell_ids"}, indent=2))
+    return 0
+
+
+def cancel_main(args: Any) -> int:
+    """Cancel every live job of the sweep: scancel its arrays and collector, stop local supervisors."""
+    import signal
+
+    from orchestrator.spec import load_sweep
+    from orchestrator.status import _pid_alive
+
+    spec = load_sweep(args.sweep)
+    sweep = SweepDir(spec.output_dir)
+    slurm_ids, stopped = [], 0
+    for sub in sweep.submissions():
+        if sub.get("executor") == "slurm":
+            slurm_ids += [x for x in (sub.get("array_job_id"), sub.get("collector_job_id")) if x]
+        elif sub.get("executor") == "local" and _pid_alive(int(sub["supervisor_pid"])):
+            try:  # the supervisor leads its own session: its tasks go with it
+                os.killpg(int(sub["supervisor_pid"]), signal.SIGTERM)
+                stopped += 1
+            except ProcessLookupError:
+                pass
+    if slurm_ids:
+        from orchestrator.scheduler import cancel
+
+        cancel(slurm_ids)
+    print(f"cancelled {len(slurm_ids)} Slurm jobs and {stopped} local supervisors of {sweep.path}")
+    return 0
+
+
+def wait_for_sweep(sweep: SweepDir, *, poll_s: float = 3.0, timeout_s: float | None = None) -> dict[str, Any]:
+    """Block until no cell is pending or running (for `submit --wait` and the demo)."""
+    from orchestrator.status import cell_statuses, summarize
+
+    t0 = time.time()
+    while True:
+        summary = summarize(cell_statuses(sweep))
+        counts = summary["counts"]
+        if counts["pending"] == 0 and counts["running"] == 0:
+            # a local supervisor runs the collector after its last task: let it finish
+            for sub in sweep.submissions():
+                if sub.get("executor") == "local":
+                    from orchestrator.status import _pid_alive
+
+                    while _pid_alive(int(sub["supervisor_pid"])):
+                        time.sleep(0.5)
+            return summary
+        if timeout_s is not None and time.time() - t0 > timeout_s:
+            return summary
+        time.sleep(poll_s)
