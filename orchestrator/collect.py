@@ -1,0 +1,652 @@
+"""Collect finished cells into groups, score them, and write the paper's tables.
+
+A *group* is everything one table entry stands on: (dataset or cross-domain pair, LLM,
+variant), over all of its LOSO folds and seeds. F1 is a property of a group, never of
+a cell (docs/architecture.md): the fold predictions of one seed are pooled, scored under
+every protocol of `aullm.metrics`, and the per-seed scores give mean and std.
+
+A group is scored only when every one of its cells (every fold of every seed) has a
+result with status "done". Otherwise it is *incomplete* and its missing or failed folds
+are named: averaging over fewer folds would quietly change the test set (DESIGN.md §6).
+
+The core, `collect_groups`, is a pure function of the cell descriptors (manifest
+entries) and the result payloads, so tests feed it directly; `collect_sweep` reads a
+sweep directory, writes tables and plots atomically, prints them, and updates MLflow.
+Nothing here imports torch; mlflow and matplotlib are imported only where used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aullm.errors import UserInputError
+from aullm.metrics import HEADLINE_PROTOCOL, PROTOCOLS, ScoreRow, mean_std_over_seeds, score_predictions
+
+__all__ = [
+    "CellRef",
+    "CollectReport",
+    "GroupKey",
+    "GroupResult",
+    "MissingCell",
+    "Stat",
+    "ProtocolSummary",
+    "collect_groups",
+    "collect_job",
+    "collect_main",
+    "collect_sweep",
+    "write_outputs",
+    "RESULTS_DIRNAME",
+]
+
+RESULTS_DIRNAME = "results_tables"
+# What a no-LLM cell may carry in its `llm` field (orchestrator.cells writes None).
+_NO_LLM_VALUES = frozenset({"", "none", "null", "no_llm", "-"})
+# The LLM part of a no-LLM group's id: orchestrator.cells.NO_LLM, so that our group ids
+# equal the `aullm.group` tag the cell runs carry ("casme2/none/no_llm").
+NO_LLM_ID = "none"
+# Written into the output folder: the list of files this collector produced, so a later
+# run can remove its own stale files without touching anything else a user put there.
+INDEX_FILE = "index.json"
+
+
+# --------------------------------------------------------------------------- cells and groups
+
+
+@dataclass(frozen=True, order=True)
+class GroupKey:
+    """What one table entry stands on. `data` is the dataset name for LOSO groups and
+    ``"<train>_to_<test>"`` for cross-domain ones (the paper_tables.yaml spelling)."""
+
+    kind: str  # "loso" | "cross_domain"
+    data: str
+    llm: str  # "" for variants without an LLM
+    variant: str
+
+    @property
+    def id(self) -> str:
+        """Stable, human-readable id; the MLflow tag ``aullm.group`` of the parent run."""
+        return f"{self.data}/{self.llm or NO_LLM_ID}/{self.variant}"
+
+
+@dataclass(frozen=True)
+class CellRef:
+    """The fields of one manifest cell that collecting needs."""
+
+    cell_id: str
+    kind: str
+    dataset: str | None  # LOSO: the dataset name
+    train_dataset: str | None  # cross-domain: trained on all of this one ...
+    test_dataset: str | None  # ... tested on all of this one
+    fold: str
+    llm: str
+    variant: str
+    seed: int
+
+    @classmethod
+    def from_any(cls, obj: Any) -> CellRef:
+        """From a manifest entry (mapping) or an `orchestrator.cells.Cell`-like object."""
+        if isinstance(obj, CellRef):
+            return obj
+
+        def get(name: str, default: Any = None) -> Any:
+            if isinstance(obj, Mapping):
+                return obj.get(name, default)
+            return getattr(obj, name, default)
+
+        cell_id = get("cell_id")
+        if not cell_id:
+            raise UserInputError(f"manifest cell {obj!r}: field cell_id is missing")
+        kind = str(get("kind") or "loso")
+        if kind not in ("loso", "cross_domain"):
+            raise UserInputError(f"manifest cell {cell_id}: kind {kind!r} is not allowed; allowed: loso, cross_domain")
+        train = get("train_dataset") or get("source")
+        test = get("test_dataset") or get("target")
+        dataset = get("dataset")
+        if kind == "loso" and not dataset:
+            raise UserInputError(f"manifest cell {cell_id}: a loso cell needs field dataset")
+        if kind == "cross_domain" and not (train and test):
+            raise UserInputError(f"manifest cell {cell_id}: a cross_domain cell needs train_dataset and test_dataset")
+        llm = get("llm")
+        llm = "" if llm is None or str(llm).strip().lower() in _NO_LLM_VALUES else str(llm)
+        variant = get("variant")
+        if not variant:
+            raise UserInputError(f"manifest cell {cell_id}: field variant is missing")
+        seed = get("seed", 0)
+        try:
+            seed_int = int(seed)
+        except (TypeError, ValueError):
+            raise UserInputError(f"manifest cell {cell_id}: seed {seed!r} is not an integer") from None
+        fold = get("fold")
+        return cls(
+            cell_id=str(cell_id),
+            kind=kind,
+            dataset=str(dataset) if dataset else None,
+            train_dataset=str(train) if train else None,
+            test_dataset=str(test) if test else None,
+            fold=str(fold) if fold not in (None, "") else ("all" if kind == "cross_domain" else "?"),
+            llm=llm,
+            variant=str(variant),
+            seed=seed_int,
+        )
+
+    @property
+    def group_key(self) -> GroupKey:
+        data = self.dataset if self.kind == "loso" else f"{self.train_dataset}_to_{self.test_dataset}"
+        return GroupKey(self.kind, str(data), self.llm, self.variant)
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and std (ddof=1, 0 for one seed) over seeds, F1 in percent."""
+
+    mean: float
+    std: float
+    n: int
+
+
+@dataclass(frozen=True)
+class ProtocolSummary:
+    per_au: dict[int, Stat]
+    average: Stat
+
+
+@dataclass(frozen=True)
+class MissingCell:
+    seed: int
+    fold: str
+    cell_id: str
+    reason: str  # "no result" | "failed: <error>" | "unreadable: ..."
+
+
+@dataclass
+class GroupResult:
+    key: GroupKey
+    layout: str  # the dataset layout the AUs follow: LOSO dataset's, or the test dataset's
+    train_layout: str | None  # cross-domain only
+    cell_ids: tuple[str, ...]
+    seeds: tuple[int, ...]
+    folds: tuple[str, ...]
+    status: str  # "complete" | "incomplete" | "invalid"
+    missing: list[MissingCell] = field(default_factory=list)
+    problem: str = ""  # why an "invalid" group could not be scored
+    aus: tuple[int, ...] = ()
+    n_samples: int = 0
+    per_seed: dict[int, dict[str, ScoreRow]] = field(default_factory=dict)  # fractions, as metrics returns
+    summary: dict[str, ProtocolSummary] = field(default_factory=dict)  # percent
+    per_subject: dict[str, float] = field(default_factory=dict)  # percent, mean over seeds
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    def missing_text(self, limit: int = 12) -> str:
+        """'sub03, sub07 (seed 1); sub03 failed (seed 2)' -- the folds a reader must chase."""
+        if self.status == "invalid":
+            return self.problem
+        by_seed: dict[int, list[str]] = defaultdict(list)
+        for m in self.missing:
+            by_seed[m.seed].append(m.fold if m.reason == "no result" else f"{m.fold} {m.reason.split(':')[0]}")
+        parts = []
+        for seed in sorted(by_seed):
+            folds = by_seed[seed]
+            shown = ", ".join(folds[:limit]) + (f", ... (+{len(folds) - limit})" if len(folds) > limit else "")
+            parts.append(f"{shown} (seed {seed})")
+        return "; ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "group": self.key.id,
+            "kind": self.key.kind,
+            "data": self.key.data,
+            "llm": self.key.llm,
+            "variant": self.key.variant,
+            "layout": self.layout,
+            "status": self.status,
+            "seeds": list(self.seeds),
+            "folds": list(self.folds),
+            "cells": list(self.cell_ids),
+            "missing": [m.__dict__ for m in self.missing],
+            "problem": self.problem,
+            "aus": list(self.aus),
+            "n_samples": self.n_samples,
+            "scores_percent": {
+                proto: {
+                    "per_au": {str(au): s.__dict__ for au, s in summ.per_au.items()},
+                    "average": summ.average.__dict__,
+                }
+                for proto, summ in self.summary.items()
+            },
+            "per_seed_fraction": {
+                str(seed): {proto: row.to_dict() for proto, row in rows.items()} for seed, rows in self.per_seed.items()
+            },
+            "per_subject_f1_percent": self.per_subject,
+        }
+
+
+class _Invalid(Exception):
+    """A result that cannot be pooled (shape, AU list, duplicate sample)."""
+
+
+def _pct(x: float) -> float:
+    return 100.0 * float(x)
+
+
+def _summarise(rows: Sequence[ScoreRow]) -> ProtocolSummary:
+    mean, std = mean_std_over_seeds(rows)
+    n = len(rows)
+    return ProtocolSummary(
+        per_au={au: Stat(_pct(mean.per_au[au]), _pct(std.per_au[au]), n) for au in mean.per_au},
+        average=Stat(_pct(mean.average), _pct(std.average), n),
+    )
+
+
+def _micro_f1(pred: np.ndarray, y: np.ndarray) -> float | None:
+    """F1 over every (sample, AU) decision of one subject; None when the subject has no
+    positive label and no positive prediction (F1 undefined: nothing to find, nothing found).
+    Micro rather than per-AU: a subject holds a handful of clips, so most of its AUs have no
+    positive and a per-AU F1 would be 0 by convention, drowning the outliers we want to see."""
+    tp = int(np.sum(pred & y))
+    fp = int(np.sum(pred & ~y))
+    fn = int(np.sum(~pred & y))
+    if tp + fp + fn == 0:
+        return None
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+def _pool_seed(cells: Sequence[CellRef], results: Mapping[str, Mapping[str, Any]]) -> tuple[
+    tuple[int, ...], np.ndarray, np.ndarray, list[str], list[str]
+]:
+    """Concatenate the predictions of one seed's folds: (aus, probs, labels, fold_ids, subjects)."""
+    aus: tuple[int, ...] | None = None
+    probs: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    folds: list[str] = []
+    subjects: list[str] = []
+    seen_keys: dict[str, str] = {}
+    for cell in cells:
+        pred = results[cell.cell_id].get("predictions")
+        if not isinstance(pred, Mapping):
+            raise _Invalid(f"result {cell.cell_id}: no predictions")
+        try:
+            cell_aus = tuple(int(a) for a in pred["aus"])
+            p = np.asarray(pred["probs"], dtype=np.float64)
+            y = np.asarray(pred["labels"])
+            keys = [str(k) for k in pred.get("sample_keys") or []]
+            subs = [str(s) for s in pred.get("subjects") or []]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _Invalid(f"result {cell.cell_id}: unreadable predictions ({exc})") from None
+        if aus is None:
+            aus = cell_aus
+        elif cell_aus != aus:
+            raise _Invalid(f"result {cell.cell_id}: AUs {list(cell_aus)} differ from the group's {list(aus)}")
+        n = p.shape[0] if p.ndim == 2 else -1
+        if p.ndim != 2 or p.shape[1] != len(aus) or y.shape != p.shape:
+            raise _Invalid(
+                f"result {cell.cell_id}: probs {p.shape} and labels {y.shape} must both be (N, {len(aus)})"
+            )
+        if len(keys) != n or (subs and len(subs) != n):
+            raise _Invalid(f"result {cell.cell_id}: {len(keys)} sample_keys / {len(subs)} subjects for {n} predictions")
+        for k in keys:
+            # LOSO folds test disjoint subjects: a sample scored twice means a broken split
+            # or a stale result, and would weigh that clip double.
+            if k in seen_keys:
+                raise _Invalid(f"sample {k} is predicted by both {seen_keys[k]} and {cell.cell_id}")
+            seen_keys[k] = cell.cell_id
+        probs.append(p)
+        labels.append(y)
+        folds.extend([cell.fold] * n)
+        subjects.extend(subs or [k.split("/")[1] if k.count("/") >= 2 else cell.fold for k in keys])
+    assert aus is not None
+    return aus, np.concatenate(probs), np.concatenate(labels), folds, subjects
+
+
+def _score_group(group: GroupResult, cells: Sequence[CellRef], results: Mapping[str, Mapping[str, Any]]) -> None:
+    by_seed: dict[int, list[CellRef]] = defaultdict(list)
+    for c in cells:
+        by_seed[c.seed].append(c)
+    subject_scores: dict[str, list[float]] = defaultdict(list)
+    aus_all: tuple[int, ...] | None = None
+    n_samples = 0
+    for seed in sorted(by_seed):
+        seed_cells = sorted(by_seed[seed], key=lambda c: c.fold)
+        aus, p, y, folds, subjects = _pool_seed(seed_cells, results)
+        if aus_all is None:
+            aus_all = aus
+        elif aus != aus_all:
+            raise _Invalid(f"seed {seed} scores AUs {list(aus)}, another seed {list(aus_all)}")
+        try:
+            group.per_seed[seed] = score_predictions(p, y, aus, folds)
+        except ValueError as exc:
+            raise _Invalid(f"seed {seed}: {exc}") from None
+        n_samples = max(n_samples, p.shape[0])
+        pred = p >= 0.5
+        yb = y.astype(bool)
+        subj = np.asarray(subjects)
+        for s in dict.fromkeys(subjects):
+            m = subj == s
+            f1 = _micro_f1(pred[m], yb[m])
+            if f1 is not None:
+                subject_scores[s].append(_pct(f1))
+    group.aus = aus_all or ()
+    group.n_samples = n_samples
+    seeds = sorted(group.per_seed)
+    group.summary = {proto: _summarise([group.per_seed[s][proto] for s in seeds]) for proto in PROTOCOLS}
+    group.per_subject = {s: float(np.mean(v)) for s, v in subject_scores.items()}
+
+
+def collect_groups(
+    cells: Iterable[Any],
+    results: Mapping[str, Mapping[str, Any] | None],
+    *,
+    layouts: Mapping[str, str] | None = None,
+) -> list[GroupResult]:
+    """Group the manifest's cells, check each group is whole, and score the whole ones.
+
+    `cells`: manifest entries (mappings) or `Cell` objects; `results`: cell_id -> result
+    payload (``status``, ``predictions``: sample_keys, subjects, aus, probs, labels), missing
+    or None for cells without a result file. `layouts`: dataset name -> layout
+    (``casme2``/``samm``/``4dme``) for sweeps that name their datasets differently; by
+    default a dataset's name is its layout. Groups come back sorted by key.
+    """
+    layouts = dict(layouts or {})
+    refs = [CellRef.from_any(c) for c in cells]
+    ids = [r.cell_id for r in refs]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise UserInputError(f"manifest: cell id {dup} appears twice")
+    grouped: dict[GroupKey, list[CellRef]] = defaultdict(list)
+    for r in refs:
+        grouped[r.group_key].append(r)
+
+    out: list[GroupResult] = []
+    for key in sorted(grouped):
+        members = sorted(grouped[key], key=lambda c: (c.seed, c.fold))
+        first = members[0]
+        if key.kind == "loso":
+            layout, train_layout = layouts.get(first.dataset or "", first.dataset or ""), None
+        else:
+            layout = layouts.get(first.test_dataset or "", first.test_dataset or "")
+            train_layout = layouts.get(first.train_dataset or "", first.train_dataset or "")
+        group = GroupResult(
+            key=key,
+            layout=layout,
+            train_layout=train_layout,
+            cell_ids=tuple(c.cell_id for c in members),
+            seeds=tuple(sorted({c.seed for c in members})),
+            folds=tuple(sorted({c.fold for c in members})),
+            status="incomplete",
+        )
+        for c in members:
+            res = results.get(c.cell_id)
+            if res is None:
+                group.missing.append(MissingCell(c.seed, c.fold, c.cell_id, "no result"))
+            elif res.get("status") != "done":
+                err = " ".join(str(res.get("error") or res.get("status") or "unknown").split())[:200]
+                group.missing.append(MissingCell(c.seed, c.fold, c.cell_id, f"failed: {err}"))
+        if not group.missing:
+            try:
+                _score_group(group, members, results)  # type: ignore[arg-type]
+                group.status = "complete"
+            except _Invalid as exc:
+                group.status = "invalid"
+                group.problem = str(exc)
+                group.per_seed.clear()
+        out.append(group)
+    return out
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+
+
+def write_outputs(
+    groups: Sequence[GroupResult],
+    out_dir: str | os.PathLike[str],
+    *,
+    title: str = "",
+    plots: bool = True,
+    tables: Sequence[Any] | None = None,
+) -> list[Path]:
+    """Write every table (Markdown, CSV, LaTeX), groups.csv, summary.json and the plots
+    into `out_dir`. Files are first written to a temp folder beside it and then moved in
+    one `os.replace` each, so a reader (or MLflow upload) never sees half a file; files a
+    previous collect wrote and this one does not are removed. Returns the written paths."""
+    from orchestrator import tables as tbl
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    built = list(tables) if tables is not None else tbl.build_tables(groups, tbl.load_paper_tables())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        names: list[str] = []
+        for t in built:
+            for ext, text in (("md", tbl.to_markdown(t)), ("csv", tbl.to_csv(t)), ("tex", tbl.to_latex(t))):
+                _write_text(tmp / f"{t.key}.{ext}", text)
+                names.append(f"{t.key}.{ext}")
+        _write_text(tmp / "tables.md", tbl.document_markdown(built, groups, title=title))
+        _write_text(tmp / "groups.csv", tbl.groups_csv(groups))
+        summary = {
+            "title": title,
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "headline_protocol": HEADLINE_PROTOCOL,
+            "units": "F1 in percent; std over seeds with ddof=1 (0 for one seed)",
+            "groups": [g.to_json() for g in groups],
+        }
+        _write_text(tmp / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
+        names += ["tables.md", "groups.csv", "summary.json"]
+        if plots:
+            from orchestrator import plots as plt_mod
+
+            names += [p.name for p in plt_mod.write_plots(groups, built, tmp)]
+        _write_text(tmp / INDEX_FILE, json.dumps({"files": sorted(names)}, indent=2) + "\n")
+
+        previous: list[str] = []
+        try:
+            previous = list(json.loads((out / INDEX_FILE).read_text()).get("files", []))
+        except (OSError, ValueError, AttributeError):
+            pass
+        for name in names + [INDEX_FILE]:
+            os.replace(tmp / name, out / name)
+        for stale in set(previous) - set(names):
+            if "/" not in stale and not stale.startswith("."):
+                (out / stale).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [out / n for n in sorted(names)]
+
+
+# --------------------------------------------------------------------------- sweep wrapper
+
+
+@dataclass
+class CollectReport:
+    sweep_dir: Path
+    out_dir: Path
+    groups: list[GroupResult]
+    files: list[Path]
+    tracking: str  # one line: what happened in MLflow
+
+
+def _resolve_sweep_dir(arg: str | os.PathLike[str]) -> Path:
+    """SWEEP may be the sweep directory or the sweep file that names it."""
+    path = Path(arg)
+    if path.is_dir():
+        return path
+    if path.is_file():
+        from orchestrator.spec import load_sweep
+
+        return Path(load_sweep(path).output_dir)
+    raise UserInputError(f"collect: SWEEP {str(path)!r} is neither a sweep directory nor a sweep file")
+
+
+def _layouts(manifest: Mapping[str, Any]) -> dict[str, str]:
+    datasets = (manifest.get("spec") or {}).get("datasets") or manifest.get("datasets") or {}
+    out: dict[str, str] = {}
+    if isinstance(datasets, Mapping):
+        for name, cfg in datasets.items():
+            if isinstance(cfg, Mapping) and cfg.get("layout"):
+                out[str(name)] = str(cfg["layout"])
+    elif isinstance(datasets, list):
+        for cfg in datasets:
+            if isinstance(cfg, Mapping) and cfg.get("name") and cfg.get("layout"):
+                out[str(cfg["name"])] = str(cfg["layout"])
+    return out
+
+
+def _read_results(sweep: Any, cell_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Full payloads of the manifest's finished cells; a failed cell's file is read too (its
+    error names why the fold is missing), a file that cannot be parsed counts as failed."""
+    present = sweep.statuses()  # reads only each file's first bytes
+    results: dict[str, dict[str, Any]] = {}
+    for cid in cell_ids:
+        if cid not in present:
+            continue
+        try:
+            payload = sweep.read_result(cid)
+        except (OSError, ValueError, UserInputError) as exc:
+            payload = {"cell_id": cid, "status": "unreadable", "error": f"unreadable result file: {exc}"}
+        results[cid] = payload if isinstance(payload, dict) else {"cell_id": cid, "status": "unreadable"}
+    return results
+
+
+def _cell_states(sweep: Any, results: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Each cell's state for `reconcile_runs`: the scheduler's view where it can be had
+    (one batched sacct call), the ledger's otherwise (a result file is the truth)."""
+    states: dict[str, str] = {}
+    try:
+        from orchestrator.status import cell_statuses
+
+        for st in cell_statuses(sweep):
+            states[st.cell_id] = st.state.upper()
+    except Exception:  # noqa: BLE001 - no scheduler reachable: the ledger still knows the ends
+        pass
+    for cid, res in results.items():
+        # Only where the scheduler said nothing: a failed result may have a retry running.
+        states.setdefault(cid, "DONE" if res.get("status") == "done" else "FAILED")
+    return states
+
+
+def _tracking(sweep: Any, sweep_dir: Path, groups: Sequence[GroupResult], out_dir: Path,
+              results: Mapping[str, Mapping[str, Any]], tables: Sequence[Any], title: str) -> str:  # fmt: skip
+    """Best effort: MLflow is for people, the tables on disk are the record."""
+    try:
+        from orchestrator import tracking
+    except ImportError as exc:
+        return f"MLflow skipped ({exc})"
+    from orchestrator.summary_runs import as_tracking_config, log_group_runs
+
+    try:
+        cfg = as_tracking_config(sweep.tracking_config())  # the manifest's {uri, experiment}
+    except Exception as exc:  # noqa: BLE001
+        return f"MLflow skipped: no usable tracking config ({' '.join(str(exc).split())[:200]})"
+    notes = []
+    try:
+        sync = getattr(tracking, "sync_spool", None)
+        if sync is not None:
+            n = sync(cfg, sweep_dir)
+            if n:
+                notes.append(f"{n} spooled cell runs synced")
+        reconcile = getattr(tracking, "reconcile_runs", None)
+        if reconcile is not None:
+            n = reconcile(cfg, sweep_dir, _cell_states(sweep, results))
+            if n:
+                notes.append(f"{n} stale runs reconciled")
+        summary = log_group_runs(cfg, sweep_dir, groups, out_dir, tables=tables, sweep_name=title)
+        notes.append(summary.describe())
+    except Exception as exc:  # noqa: BLE001 - never fail a collect because MLflow is down
+        notes.append(f"MLflow not updated: {' '.join(str(exc).split())[:300]}")
+    return "; ".join(notes)
+
+
+def collect_sweep(
+    sweep_arg: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    track: bool = True,
+    plots: bool = True,
+    console: Any = None,
+) -> CollectReport:
+    """Collect a sweep directory: tables and plots into `out` (default
+    ``<sweep>/results_tables``), printed to the terminal, and MLflow parent runs."""
+    from orchestrator.ledger import SweepDir
+
+    sweep_dir = _resolve_sweep_dir(sweep_arg)
+    sweep = SweepDir(sweep_dir)
+    manifest = sweep.read_manifest()  # UserInputError (exit 2) when it is not a sweep directory
+    cells = manifest.get("cells") or []
+    if not cells:
+        raise UserInputError(f"collect: {sweep_dir}/manifest.json lists no cells")
+    refs = [CellRef.from_any(c) for c in cells]
+    results = _read_results(sweep, [r.cell_id for r in refs])
+    groups = collect_groups(refs, results, layouts=_layouts(manifest))
+    out_dir = Path(out) if out is not None else sweep_dir / RESULTS_DIRNAME
+    title = str(manifest.get("name") or sweep_dir.name)
+    from orchestrator import tables as tbl
+
+    built = tbl.build_tables(groups, tbl.load_paper_tables())
+    files = write_outputs(groups, out_dir, title=title, plots=plots, tables=built)
+    tbl.print_terminal(groups, console=console, title=title, tables=built)
+    tracking_note = (
+        _tracking(sweep, sweep_dir, groups, out_dir, results, built, title) if track else "MLflow skipped (--no-mlflow)"
+    )
+    report = CollectReport(sweep_dir, out_dir, groups, files, tracking_note)
+    n_done = sum(g.complete for g in groups)
+    line = f"{n_done}/{len(groups)} groups complete; tables and plots in {out_dir}; {tracking_note}"
+    if console is not None:
+        console.print(line, markup=False, highlight=False)
+    else:
+        print(line)
+    return report
+
+
+def collect_job(sweep_dir: str, out: str | None = None) -> dict[str, Any]:
+    """What the dependent Slurm job (submitit) and the local supervisor run once the arrays
+    end. Returns a small picklable summary for submitit's result file."""
+    report = collect_sweep(sweep_dir, out)
+    return {
+        "out_dir": str(report.out_dir),
+        "groups": len(report.groups),
+        "complete": sum(g.complete for g in report.groups),
+        "incomplete": {g.key.id: g.missing_text() for g in report.groups if not g.complete},
+        "tracking": report.tracking,
+    }
+
+
+def collect_main(args: Any) -> int:
+    """`aullm-grid collect SWEEP [--out DIR]`; also what the dependent Slurm job runs."""
+    collect_sweep(
+        args.sweep,
+        getattr(args, "out", None),
+        track=not getattr(args, "no_mlflow", False),
+        plots=not getattr(args, "no_plots", False),
+    )
+    return 0
+
+
+if __name__ == "__main__":  # `python -m orchestrator.collect SWEEP [OUT]` for debugging
+    import argparse
+
+    ap = argparse.ArgumentParser(description="collect a sweep into the paper's tables")
+    ap.add_argument("sweep")
+    ap.add_argument("--out")
+    ap.add_argument("--no-mlflow", action="store_true")
+    try:
+        sys.exit(collect_main(ap.parse_args()))
+    except UserInputError as exc:
+        print(f"aullm-grid collect: {exc}", file=sys.stderr)
+        sys.exit(2)
