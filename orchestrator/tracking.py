@@ -390,12 +390,11 @@ def _get_or_create_experiment(
         return str(exp.experiment_id)
 
 
-def _experiment_id(
-    client: MlflowClient, cfg: TrackingConfig, sweep_dir: str | os.PathLike[str]
-) -> str:
+def _experiment_id(cfg: TrackingConfig, sweep_dir: str | os.PathLike[str]) -> str:
     """The experiment id, from tracking.json when submit prepared this store; otherwise
     prepared here under the sweep's file lock (concurrent first use of a fresh sqlite store
-    corrupts it, see docs/mlflow.md)."""
+    corrupts it, see docs/mlflow.md). Call it BEFORE creating a client: an MlflowClient on
+    a missing sqlite file creates and migrates it on the spot, outside any lock."""
     state = _read_state(sweep_dir)
     exp_id = state.get("experiments", {}).get(_state_key(cfg, sweep_dir))
     store_gone = _is_embedded(cfg) and not (_embedded_dir(sweep_dir) / "mlflow.db").exists()
@@ -544,8 +543,9 @@ def find_runs_by_cell(
     """This sweep's runs, one per cell (the most recently started when a cell was re-run)."""
     try:
         with _call_env():
+            exp_id = _experiment_id(cfg, sweep_dir)
             client = _client(resolve_uri(cfg, sweep_dir))
-            runs = _search(client, _experiment_id(client, cfg, sweep_dir), _sweep_uid(sweep_dir))
+            runs = _search(client, exp_id, _sweep_uid(sweep_dir))
     except Exception as exc:
         raise TrackingUnavailable(f"cannot list MLflow runs: {_one_line(exc)}") from exc
     out: dict[str, TrackedRun] = {}
@@ -569,8 +569,8 @@ def reconcile_runs(
     a spool may hold the real final status."""
     try:
         with _call_env():
+            exp_id = _experiment_id(cfg, sweep_dir)
             client = _client(resolve_uri(cfg, sweep_dir))
-            exp_id = _experiment_id(client, cfg, sweep_dir)
             running = _search(client, exp_id, _sweep_uid(sweep_dir), status="RUNNING")
             changed = 0
             for run in running:
@@ -636,8 +636,8 @@ def sync_spool(cfg: TrackingConfig, sweep_dir: str | os.PathLike[str]) -> int:
         return 0
     try:
         with _call_env():
+            exp_id = _experiment_id(cfg, sweep_dir)
             client = _client(resolve_uri(cfg, sweep_dir))
-            exp_id = _experiment_id(client, cfg, sweep_dir)
             client.get_experiment(exp_id)  # an http client connects lazily: probe once
     except Exception as exc:
         raise TrackingUnavailable(f"cannot sync tracking spool: {_one_line(exc)}") from exc
@@ -729,8 +729,8 @@ def _replay(client: MlflowClient, exp_id: str, uid: str, records: list[dict[str,
 class CellRunLogger:
     """One cell's MLflow run, as seen from the job. Never raises because of MLflow.
 
-    >>> logger = CellRunLogger(cfg, sweep_dir)
-    >>> logger.start(cell.id, params=cell.params, tags={"dataset": ..., "fold": ...})
+    >>> logger = CellRunLogger(cfg, sweep_dir, cell_id)
+    >>> logger.start(params=cell_params, tags={"dataset": ..., "fold": ...})
     >>> for epoch in ...: logger.log_epoch(epoch, {"train_loss": loss})
     >>> logger.finish("FINISHED", {"test_f1": f1})
 
@@ -881,8 +881,8 @@ class CellRunLogger:
         from mlflow.entities import Param, RunTag
 
         assert self.cell_id is not None
+        exp_id = _experiment_id(self.cfg, self.sweep_dir)  # first: it may create the store
         client = self._client()
-        exp_id = _experiment_id(client, self.cfg, self.sweep_dir)
         uid = self._tags[TAG_SWEEP_UID]
         prior = _latest_run_for_cell(client, exp_id, uid, self.cell_id)
         if prior is not None and prior.info.status != "FINISHED":

@@ -111,6 +111,31 @@ def test_prepare_store_is_idempotent_and_uses_the_template(
     assert T.sweep_uid(tmp_path / "s") == state["sweep_uid"]
 
 
+def test_logger_on_unprepared_sweep_prepares_under_the_lock(
+    tmp_path: Path, template_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job that finds no prepared store must not let MLflow create the sqlite file on its
+    own (that happens outside our lock, and 8 such processes corrupt the store): it goes
+    through prepare, which installs the template. A marker experiment in a copy of the
+    template proves which path created the store."""
+    cfg = T.TrackingConfig(None, "grid")
+    T.prepare_store(cfg, tmp_path / "warm-up")
+    marked = tmp_path / "marked-cache"
+    marked.mkdir()
+    [template] = template_cache.glob("mlflow-*-empty.db")
+    (marked / template.name).write_bytes(template.read_bytes())
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{marked / template.name}").create_experiment("marker")
+    monkeypatch.setenv("AULLM_CACHE_DIR", str(marked))
+    logger = T.CellRunLogger(cfg, tmp_path / "job-first", "c1")
+    logger.start(params={}, tags={})
+    logger.finish("FINISHED")
+    assert not logger.offline
+    names = {e.name for e in _client(cfg, tmp_path / "job-first").search_experiments()}
+    assert names == {"marker", "grid", "Default"}
+
+
 def test_prepare_store_unreachable_raises_tracking_unavailable(tmp_path: Path) -> None:
     t0 = time.perf_counter()
     with pytest.raises(T.TrackingUnavailable, match="not usable"):
@@ -318,6 +343,28 @@ def test_next_cell_skips_the_timeout_while_store_is_down(sweep: Path) -> None:
     second.start(params={}, tags={})
     assert second.offline and time.perf_counter() - t0 < 0.5
     assert (sweep / T.SPOOL_DIR / "c2.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_hung_server_costs_one_bounded_wait(sweep: Path) -> None:
+    """A server that accepts connections and never answers: the worst outage. The short
+    timeout/retry settings bound it (5 s x 3 tries + backoff), once per cell."""
+    import socket
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        cfg = T.TrackingConfig(f"http://127.0.0.1:{hung.getsockname()[1]}", "grid")
+        t0 = time.perf_counter()
+        logger = T.CellRunLogger(cfg, sweep, "c1")
+        logger.start(params={"lr": 1}, tags={})
+        for epoch in range(50):
+            logger.log_epoch(epoch, {"loss": float(epoch)})
+        logger.finish("FINISHED")
+        took = time.perf_counter() - t0
+    print(f"logging one cell against a hung server: {took:.1f} s")
+    assert logger.offline and took < 30
+    assert (sweep / T.SPOOL_DIR / "c1.jsonl").exists()
 
 
 # --------------------------------------------------------------------------- (c) reconcile
