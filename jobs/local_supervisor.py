@@ -8,6 +8,7 @@ same `jobs.run_cells.run_task`), so local and Slurm results are the same cells.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,9 @@ def supervise(sweep_dir: Path, batch_file: Path) -> int:
     tasks: list[list[str]] = batch["tasks"]
     workers = max(1, int(batch.get("workers") or 1))
     folder = sweep_dir / "jobs" / batch_file.stem
+    # pickled callables are code: owner only, like `jobs/` itself
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="local")
     # The local executor kills a job at timeout_min; a laptop sweep has no time limit.
     executor.update_parameters(timeout_min=7 * 24 * 60)

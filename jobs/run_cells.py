@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 import traceback
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +116,33 @@ def resolve_deepspeed_config(value: str) -> str:
     return str(shipped) if shipped.is_file() else value
 
 
+@dataclass
+class _TaskReport:
+    """What one task did, for the one summary line it prints at the end."""
+
+    outcomes: dict[str, str] = field(default_factory=dict)
+    llm_load_seconds: float | None = None
+
+    def line(self, n_cells: int, seconds: float) -> str:
+        counts = Counter(o.split(" ")[0] for o in self.outcomes.values())
+        done = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none run"
+        load = "not reached" if self.llm_load_seconds is None else f"{self.llm_load_seconds:.1f} s"
+        # The DeepSpeed import alone costs ~5 s per task: it must appear only when configured.
+        deepspeed = "yes" if "deepspeed" in sys.modules else "no"
+        return f"aullm-grid task: {n_cells} cells ({done}) in {seconds:.1f} s; model load {load}; deepspeed imported: {deepspeed}"
+
+
 def run_task(sweep_dir: str, cell_ids: list[str]) -> dict[str, str]:
     """Entry point of one array task. Returns {cell_id: outcome} for submitit's result pickle."""
+    t0 = time.time()
+    report = _TaskReport()
+    try:
+        return _run_cells(sweep_dir, cell_ids, report)
+    finally:
+        print(report.line(len(cell_ids), time.time() - t0), flush=True)
+
+
+def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict[str, str]:
     from aullm.train import CellTrainer, Preempted, TrainConfig
     from orchestrator.tracking import CellRunLogger
 
@@ -130,10 +157,15 @@ def run_task(sweep_dir: str, cell_ids: list[str]) -> dict[str, str]:
         raise RuntimeError(f"a task must share one LLM; got {sorted(llm_paths)}")
     if config.deepspeed:
         config.deepspeed = resolve_deepspeed_config(config.deepspeed)
+    if all(sweep.result_exists(c.cell_id, status="done") for c in cells):
+        # a requeued task whose cells all finished: no need to load the LLM at all
+        report.outcomes.update((c.cell_id, "skipped (done)") for c in cells)
+        return report.outcomes
     tracking = sweep.tracking_config()
     trainer = CellTrainer(next(iter(llm_paths)) if llm_paths else None, config)
+    report.llm_load_seconds = trainer.load_seconds
     datasets = DatasetCache(sweep)
-    outcomes: dict[str, str] = {}
+    outcomes = report.outcomes
     host = socket.gethostname()
 
     for cell in cells:

@@ -9,7 +9,12 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections import Counter
 from dataclasses import dataclass
+
+# Scheduler commands run by this process, by name ("sacct": 3, ...). The contract "one
+# batched sacct per status refresh, never one per cell" is asserted against this.
+SCHEDULER_CALLS: Counter[str] = Counter()
 
 # Slurm job states, folded into the few a user acts on.
 _STATE_MAP = {
@@ -58,6 +63,7 @@ def slurm_available() -> bool:
 
 
 def _run(cmd: list[str], timeout: float = 30.0) -> str:
+    SCHEDULER_CALLS[cmd[0]] += 1
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -21,6 +21,11 @@ from typing import Any
 from orchestrator.ledger import SweepDir
 from orchestrator.scheduler import SchedulerError, TaskState
 
+# sacct lags a fresh submission (about a second on an idle controller, longer on a busy
+# one): a task it does not know yet is pending for this long, after which "unknown" means
+# the accounting lost it (purged, another cluster) and its cells need a retry.
+ACCOUNTING_GRACE_S = 600.0
+
 CELL_STATES = ("done", "running", "pending", "preempted", "timeout", "failed", "cancelled", "not_submitted")
 # States after which a cell needs `aullm-grid retry` (or a re-submit) to finish.
 NEEDS_RETRY = frozenset({"failed", "timeout", "cancelled", "preempted"})
@@ -54,7 +59,8 @@ def task_records(sweep: SweepDir) -> list[TaskRecord]:
             continue  # collector jobs
         for index, cell_ids in sub["tasks"].items():
             if sub["executor"] == "slurm":
-                job_id = f"{sub['array_job_id']}_{index}"
+                # a one-task batch is a plain job: its recorded id has no "_<index>"
+                job_id = str((sub.get("job_ids") or {}).get(index) or f"{sub['array_job_id']}_{index}")
                 log = sweep.path / "jobs" / job_id / f"{job_id}_0_log.out"
             else:
                 job_id = f"local:{sub['batch_id']}:{index}"
@@ -76,6 +82,11 @@ def _pid_alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def is_fresh(record: TaskRecord, now: float | None = None) -> bool:
+    """Submitted so recently that the scheduler's accounting may not list it yet."""
+    return (time.time() if now is None else now) - record.submitted_at < ACCOUNTING_GRACE_S
 
 
 def task_states(sweep: SweepDir) -> dict[TaskRecord, TaskState]:
@@ -137,8 +148,11 @@ def cell_statuses(sweep: SweepDir, states: dict[TaskRecord, TaskState] | None = 
         elif ts.state in ("preempted", "timeout", "cancelled"):
             out.append(CellStatus(cid, group, ts.state, ts.slurm_state, record.job_id, record.log_path))
         elif ts.state == "unknown":
-            # sacct lags a fresh submission by about a second
-            out.append(CellStatus(cid, group, "pending", "not yet in accounting", record.job_id, record.log_path))
+            if is_fresh(record):
+                out.append(CellStatus(cid, group, "pending", "not yet in accounting", record.job_id, record.log_path))
+            else:
+                reason = f"the scheduler has no record of job {record.job_id} (purged from accounting?)"
+                out.append(CellStatus(cid, group, "failed", reason, record.job_id, record.log_path))
         else:  # completed or failed without a result file: the task died under this cell
             reason = ts.slurm_state if ts.state == "failed" else "task ended without writing this cell's result"
             if ts.exit_code and ts.exit_code != "0:0":

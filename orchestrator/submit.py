@@ -9,6 +9,7 @@ tasks to submitit's LocalExecutor at most `max_local_workers` at a time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -58,12 +59,15 @@ class Plan:
 
 
 def live_cell_ids(sweep: SweepDir) -> set[str]:
-    """Cells whose task is pending or running according to the scheduler (one query)."""
-    from orchestrator.status import task_states
+    """Cells whose task is pending or running according to the scheduler (one query).
+
+    A task sacct does not list yet (it lags a fresh submission) counts as live: a second
+    `submit` right after the first must not queue the same cells again."""
+    from orchestrator.status import is_fresh, task_states
 
     live: set[str] = set()
     for record, state in task_states(sweep).items():
-        if state.state in ("pending", "running"):
+        if state.state in ("pending", "running") or (state.state == "unknown" and is_fresh(record)):
             live.update(record.cell_ids)
     return live
 
@@ -131,7 +135,12 @@ def slurm_parameters(resources: Any) -> dict[str, Any]:
         "cpus_per_task": resources.cpus_per_task,
         "slurm_array_parallelism": resources.array_parallelism,
         "slurm_signal_delay_s": resources.signal_delay_s,
-        "slurm_setup": [f"export {k}={v}" for k, v in JOB_ENV.items()],
+        "slurm_setup": [
+            *(f"export {k}={v}" for k, v in JOB_ENV.items()),
+            # torch sizes its thread pool by the node's cores, not the task's CPUs: without
+            # cgroup binding, array tasks sharing a node would oversubscribe it
+            "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}",
+        ],
         "stderr_to_stdout": True,
     }
     extra: dict[str, Any] = {"requeue": True}
@@ -161,40 +170,69 @@ def submit_slurm(spec: Any, sweep: SweepDir, plan: Plan) -> dict[str, Any]:
     import submitit
 
     from jobs.run_cells import run_task
-    from orchestrator.collect import collect_job
 
     folder = _private_folder(sweep.path / "jobs")
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
     executor.update_parameters(name=f"aullm-{spec.name}", **slurm_parameters(spec.resources))
     array_ids: list[str] = []
-    for array in plan.arrays:
-        with executor.batch():
-            jobs = [executor.submit(run_task, str(sweep.path), [c.cell_id for c in task]) for task in array]
-        array_id = jobs[0].job_id.split("_")[0]
-        array_ids.append(array_id)
-        sweep.record_submission(
-            {
-                "executor": "slurm",
-                "array_job_id": array_id,
-                "tasks": {str(i): [c.cell_id for c in task] for i, task in enumerate(array)},
-                "submitted_at": time.time(),
-            }
-        )
-    collector_id = None
-    if array_ids:
-        collect_ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
-        params = slurm_parameters(spec.resources)
-        params.pop("gpus_per_node", None)
-        params.pop("slurm_gres", None)
-        params["slurm_additional_parameters"] = {
-            **params["slurm_additional_parameters"],
-            "dependency": "afterany:" + ":".join(array_ids),
-        }
-        collect_ex.update_parameters(name=f"aullm-{spec.name}-collect", **params)
-        collector = collect_ex.submit(collect_job, str(sweep.path))
-        collector_id = collector.job_id
-        sweep.record_submission({"executor": "slurm", "collector_job_id": collector_id, "after": array_ids, "submitted_at": time.time()})
+    try:
+        for array in plan.arrays:
+            with executor.batch():
+                jobs = [executor.submit(run_task, str(sweep.path), [c.cell_id for c in task]) for task in array]
+            array_id = jobs[0].job_id.split("_")[0]
+            array_ids.append(array_id)
+            sweep.record_submission(
+                {
+                    "executor": "slurm",
+                    "array_job_id": array_id,
+                    "tasks": {str(i): [c.cell_id for c in task] for i, task in enumerate(array)},
+                    # submitit sends a batch of one as a plain job ("123", not "123_0"): status
+                    # must ask sacct for the id Slurm really gave each task
+                    "job_ids": {str(i): job.job_id for i, job in enumerate(jobs)},
+                    "submitted_at": time.time(),
+                }
+            )
+    except BaseException:
+        # A later sbatch failed (a QOS submit limit, say): the arrays already queued still
+        # get their collector, then the error goes to the user.
+        if array_ids:
+            with contextlib.suppress(Exception):
+                _submit_collector(spec, sweep, folder, array_ids)
+        _tighten_job_folders(folder)
+        raise
+    collector_id = _submit_collector(spec, sweep, folder, array_ids) if array_ids else None
+    _tighten_job_folders(folder)
     return {"array_job_ids": array_ids, "collector_job_id": collector_id}
+
+
+def _submit_collector(spec: Any, sweep: SweepDir, folder: Path, array_ids: list[str]) -> str:
+    """One job that collects the tables once every array has ended, however it ended."""
+    import submitit
+
+    from orchestrator.collect import collect_job
+
+    collect_ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+    params = slurm_parameters(spec.resources)
+    params.pop("gpus_per_node", None)  # scoring and tables need no GPU
+    params.pop("slurm_gres", None)
+    params["slurm_additional_parameters"] = {
+        **params["slurm_additional_parameters"],
+        "dependency": "afterany:" + ":".join(array_ids),
+    }
+    collect_ex.update_parameters(name=f"aullm-{spec.name}-collect", **params)
+    collector = collect_ex.submit(collect_job, str(sweep.path))
+    sweep.record_submission(
+        {"executor": "slurm", "collector_job_id": collector.job_id, "after": array_ids, "submitted_at": time.time()}
+    )
+    return str(collector.job_id)
+
+
+def _tighten_job_folders(folder: Path) -> None:
+    """submitit creates each job's folder (pickle, sbatch script, logs) with the umask's mode;
+    `jobs/` itself is 0700 already, so this is defence in depth for a copied or moved folder."""
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            os.chmod(entry, 0o700)
 
 
 def submit_local(spec: Any, sweep: SweepDir, plan: Plan) -> dict[str, Any]:
@@ -206,6 +244,9 @@ def submit_local(spec: Any, sweep: SweepDir, plan: Plan) -> dict[str, Any]:
     batch_file.write_text(json.dumps({"tasks": tasks, "workers": spec.resources.max_local_workers}))
     log = open(sweep.path / "logs" / f"{batch_id}.supervisor.log", "ab")
     env = {**os.environ, **JOB_ENV}
+    # share this machine's cores between the tasks that run at once (torch would give each all of them)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // spec.resources.max_local_workers)))
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.local_supervisor", str(sweep.path), str(batch_file)],
         stdout=log,

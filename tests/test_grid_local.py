@@ -1,0 +1,97 @@
+"""The whole grid on this machine (executor `local`): submit -> supervisor -> tasks -> results -> tables.
+
+A demo-shaped sweep (synthetic CASME II and SAMM, 3 subjects each; a tiny Qwen2; LOSO
+x {all, no_llm} on both datasets plus casme2 -> samm: 14 cells in 6 tasks) runs through
+the real `aullm-grid` command, submitit's LocalExecutor and the real training code.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from orchestrator import cli
+from orchestrator.scheduler import SCHEDULER_CALLS
+from tests.grid_helpers import LocalRun, manifest_cell_ids, result_files, run_cli, shared_local_run
+
+pytestmark = pytest.mark.slow
+
+EXPECTED_CELLS = 3 * 2 + 3 * 2 + 2  # LOSO folds x {all, no_llm} on both datasets + the cross-domain pair x 2
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> LocalRun:
+    run = shared_local_run(tmp_path_factory)
+    print(f"\n[timing] local sweep (submit --wait, {EXPECTED_CELLS} cells): {run.submit.seconds:.1f} s")
+    return run
+
+
+def test_submit_wait_runs_every_cell(local_run: LocalRun) -> None:
+    local_run.submit.check()
+    assert f"submitted {EXPECTED_CELLS} of {EXPECTED_CELLS} cells" in local_run.submit.stdout
+    cell_ids = manifest_cell_ids(local_run.out_dir)
+    assert len(cell_ids) == EXPECTED_CELLS
+    files = result_files(local_run.out_dir)
+    # exactly one committed result per cell, no stray temp file of an atomic write
+    assert sorted(p.stem for p in files) == sorted(cell_ids)
+    assert not [p for p in (local_run.out_dir / "results").iterdir() if p.name.startswith(".")]
+    statuses = {json.loads(p.read_text())["status"] for p in files}
+    assert statuses == {"done"}
+    # nothing left marked as running once the supervisor has gone
+    running = local_run.out_dir / "running"
+    assert not running.exists() or not list(running.glob("*.json"))
+
+
+def test_supervisor_collected_after_the_last_task(local_run: LocalRun) -> None:
+    tables = local_run.out_dir / "results_tables"
+    summary = json.loads((tables / "summary.json").read_text())
+    assert summary  # the collector found groups to score
+    assert (tables / "tables.md").is_file()
+    newest_result = max(p.stat().st_mtime for p in result_files(local_run.out_dir))
+    assert (tables / "summary.json").stat().st_mtime >= newest_result
+
+
+def test_job_folder_is_private(local_run: LocalRun) -> None:
+    # job folders hold pickled callables (code): only the owner may read them
+    jobs = local_run.out_dir / "jobs"
+    assert stat.S_IMODE(jobs.stat().st_mode) == 0o700
+    batches = [p for p in jobs.iterdir() if p.is_dir()]
+    assert batches and all(stat.S_IMODE(p.stat().st_mode) == 0o700 for p in batches)
+
+
+def test_status_json_all_done_without_asking_slurm(local_run: LocalRun, capsys: pytest.CaptureFixture[str]) -> None:
+    before = SCHEDULER_CALLS.copy()
+    assert cli.main(["status", str(local_run.sweep_file), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["all_done"] is True
+    assert summary["counts"]["done"] == EXPECTED_CELLS
+    assert summary["failed"] == []
+    # a local sweep has no Slurm job to ask about
+    assert SCHEDULER_CALLS - before == Counter()
+
+
+def test_second_submit_submits_nothing(local_run: LocalRun) -> None:
+    jobs_before = json.loads((local_run.out_dir / "jobs.json").read_text())
+    result = run_cli("submit", local_run.sweep_file, "--json").check().json()
+    assert result["submitted"] == 0
+    assert result["skipped_done"] == EXPECTED_CELLS
+    assert result["tasks"] == 0
+    assert "batch_id" not in result  # no supervisor started
+    assert json.loads((local_run.out_dir / "jobs.json").read_text()) == jobs_before
+
+
+def test_collect_writes_tables(local_run: LocalRun, tmp_path: Path) -> None:
+    out = tmp_path / "tables"
+    run_cli("collect", local_run.sweep_file, "--out", out, "--no-plots").check()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary
+    tables_md = (out / "tables.md").read_text()
+    assert "CASME" in tables_md and "SAMM" in tables_md
+    assert list(out.glob("*.csv"))
+    # the same pooled numbers as the supervisor's own collection
+    supervisor_summary = json.loads((local_run.out_dir / "results_tables" / "summary.json").read_text())
+    assert summary["groups"] == supervisor_summary["groups"]
