@@ -24,8 +24,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+DEMO := runs/demo
 demo: setup
-	$(BIN)/aullm-grid demo sweeps/demo.yaml
+	test -d $(DEMO)/data/casme2 || $(BIN)/aullm-grid data synth --layout casme2 --out $(DEMO)/data/casme2 --subjects 4
+	test -d $(DEMO)/data/samm || $(BIN)/aullm-grid data synth --layout samm --out $(DEMO)/data/samm --subjects 4
+	$(BIN)/aullm-grid model tiny --out $(DEMO)/models/tiny-qwen2
+	$(BIN)/aullm-grid submit sweeps/demo.yaml --wait
+	$(BIN)/aullm-grid collect sweeps/demo.yaml
 
 test: setup
 	bash slurm/dev/install.sh
