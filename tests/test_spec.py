@@ -61,7 +61,7 @@ def test_demo_sweep_loads_with_paths_anchored_at_the_sweep_file(monkeypatch: pyt
     assert spec.cache_dir == spec.output_dir / "cache"
     assert spec.tracking.experiment == "demo"
     assert spec.resources.executor == "local" and spec.resources.max_local_workers == 2
-    assert spec.training.epochs == 40 and spec.training.lr == pytest.approx(1e-3)
+    assert spec.training.epochs == 20 and spec.training.lr == pytest.approx(1e-3)
     assert spec.training.prompt == PAPER_PROMPT  # untouched fields keep the paper's defaults
 
 
