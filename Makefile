@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench clean-demo
+.PHONY: setup demo test test-learning test-fast bench clean-demo
 
 setup: $(STAMP)
 
@@ -34,7 +34,10 @@ demo: setup
 
 test: setup
 	bash slurm/dev/install.sh
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not learning"
+
+test-learning: setup
+	$(BIN)/python -m pytest -q -s -m learning
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

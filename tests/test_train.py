@@ -37,12 +37,30 @@ def _shuffled(split, seed: int):
     return dataclasses.replace(split, train=train)
 
 
+@pytest.fixture(scope="module")
+def casme2_many_subjects(tmp_path_factory: pytest.TempPathFactory):
+    """12 subjects x 6 clips: LOSO generalises across subjects, so diversity matters more than clips."""
+    from aullm.data.synth import write_synthetic
+
+    root = write_synthetic("casme2", tmp_path_factory.mktemp("data") / "casme2-12", subjects=12, seed=0,
+                           clips_per_subject=6)
+    samples = read_dataset("casme2", root)
+    return samples, ClipStore.load(samples, tmp_path_factory.mktemp("cache"))
+
+
 @pytest.mark.slow
-def test_learns_synthetic_au_motion_better_than_controls(casme2_store, tiny_llm):
+@pytest.mark.learning
+def test_learns_synthetic_au_motion_better_than_controls(casme2_many_subjects, tiny_llm):
     """LOSO over a few folds: pooled binary F1 clearly above a constant predictor and a
-    shuffled-label control trained the same way."""
-    samples, store = casme2_store
-    config = TrainConfig(epochs=40, lr=1e-3)
+    shuffled-label control trained the same way.
+
+    Not yet passing on the CPU budget (see the closing notes of issue 2): after 30
+    epochs the model ranks clips well (per-AU ROC AUC 0.7-1.0) but its probabilities
+    at the fixed 0.5 threshold are shifted per held-out subject, and pooled F1 sits at
+    the constant predictor's level. Run with `make test-learning`.
+    """
+    samples, store = casme2_many_subjects
+    config = TrainConfig(epochs=40, lr=1e-3, token_position="append")
     trainer = CellTrainer(tiny_llm, config)
     real, shuffled, labels = [], [], []
     for subject in loso_subjects(samples)[:3]:
