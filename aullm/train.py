@@ -339,8 +339,12 @@ class CellTrainer:
 
     # -- checkpoints: everything that decides the rest of the run ---------------------------
 
+    def _unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        # Accelerate's unwrap_model imports DeepSpeed (5 s) even when it is not in use
+        return self.accelerator.unwrap_model(model) if self.config.deepspeed else getattr(model, "module", model)
+
     def _save_checkpoint(self, path, model, optimizer, epoch, epoch_losses, sampling_rng) -> None:
-        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = self._unwrap(model)
         trainable = {n: p.detach().cpu() for n, p in unwrapped.named_parameters() if p.requires_grad}
         buffers = {n: b.detach().cpu() for n, b in unwrapped.named_buffers()}
         state = {
@@ -359,7 +363,7 @@ class CellTrainer:
 
     def _load_checkpoint(self, path, model, optimizer) -> tuple[int, list[float], np.random.Generator]:
         state = torch.load(path, map_location="cpu", weights_only=False)
-        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = self._unwrap(model)
         named = dict(unwrapped.named_parameters())
         named_buffers = dict(unwrapped.named_buffers())
         with torch.no_grad():

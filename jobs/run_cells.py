@@ -107,6 +107,13 @@ def build_split(cell: Cell, datasets: DatasetCache):
     return loso_split(samples, cell.fold, DATASET_AUS[layout]), store
 
 
+def _epoch_done(logger: Any, cell_id: str, epoch: int, loss: float) -> None:
+    # One line per epoch in the task log: how far a cell got before a crash or a requeue
+    # (a resumed cell's first line shows the epoch it continued from).
+    print(f"aullm-grid: cell {cell_id} epoch {epoch} train_loss {loss:.4f}", flush=True)
+    logger.log_epoch(epoch, {"train_loss": loss})
+
+
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
@@ -188,7 +195,7 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
                 cell.variant,
                 cell.seed,
                 config,
-                on_epoch=lambda epoch, loss: logger.log_epoch(epoch, {"train_loss": loss}),
+                on_epoch=lambda epoch, loss, cid=cell.cell_id: _epoch_done(logger, cid, epoch, loss),
                 checkpoint_path=sweep.checkpoint_path(cell.cell_id),
                 should_stop=stop,
             )

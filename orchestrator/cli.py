@@ -100,6 +100,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from orchestrator.cells import pack
 
     spec, subjects, cells = prepare(args.sweep)
+    from orchestrator.submit import preflight_datasets
+
+    # decode every frame once (in memory): a corrupt JPEG costs seconds here, not a GPU task
+    preflight_datasets(spec, cells, write_cache=False)
     tasks = pack(cells, spec.resources.cells_per_task)
     kinds = {kind: sum(1 for c in cells if c.kind == kind) for kind in ("loso", "cross_domain")}
     summary = {

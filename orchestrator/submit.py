@@ -276,11 +276,72 @@ def submit_debug(spec: Any, sweep: SweepDir, plan: Plan) -> dict[str, Any]:
     return {"outcomes": outcomes}
 
 
+def preflight_datasets(spec: Any, cells: list[Cell], *, write_cache: bool = True) -> dict[str, int]:
+    """Decode every frame of every dataset the cells use, once, BEFORE anything is written.
+
+    A corrupt or empty frame, a sheet the readers reject, or a LOSO fold with no training
+    or test clips is a UserInputError (one line naming the dataset field and the file)
+    here, not a failed array task an hour later. Frames are decoded into a staging folder
+    outside the sweep directory and moved into the frame cache only once every dataset is
+    valid, so a bad dataset leaves the sweep directory untouched; the tasks then only read
+    the warm cache (no two tasks decode the same dataset at once). `write_cache=False`
+    (for `validate`) checks the same and writes nothing. Returns {dataset: clips}.
+    """
+    import shutil
+    import tempfile
+
+    from aullm.constants import DATASET_AUS
+    from aullm.data.clips import ClipStore, _cache_path
+    from aullm.data.folds import loso_split
+    from aullm.data.readers import read_dataset
+    from aullm.errors import UserInputError
+
+    needed = sorted({n for c in cells for n in (c.train_dataset, c.test_dataset) if n})
+    loso_folds: dict[str, set[str]] = {}
+    for c in cells:
+        if c.kind == "loso":
+            loso_folds.setdefault(c.dataset, set()).add(c.fold)
+    cache_dir = Path(spec.cache_dir).expanduser()
+    staging = Path(tempfile.mkdtemp(prefix="aullm-preflight-"))
+    counts: dict[str, int] = {}
+    try:
+        for name in needed:
+            ds = spec.datasets[name]
+            try:
+                samples = read_dataset(ds.layout, ds.root, sheet=ds.sheet, frames_dir=ds.frames_dir)
+                if not samples:
+                    raise UserInputError(f"no labelled clips in {ds.root}")
+                for fold in sorted(loso_folds.get(name, ())):
+                    split = loso_split(samples, fold, DATASET_AUS[ds.layout])
+                    if not split.train or not split.test:
+                        side = "training" if not split.train else "test"
+                        raise UserInputError(f"LOSO fold '{fold}' has no {side} samples")
+                # already cached by an earlier submit: the task-side read re-checks it
+                if not _cache_path(cache_dir, name, sorted(samples, key=lambda s: s.key)).is_file():
+                    ClipStore.load(samples, staging)
+            except UserInputError as exc:
+                raise spec.field_error(("datasets", name), " ".join(str(exc).split())) from None
+            counts[name] = len(samples)
+        staged = list(staging.iterdir())
+        if staged and write_cache:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            for path in staged:
+                # staging may be on another filesystem: copy beside the target, then an
+                # atomic rename, so a task reading the cache never sees half a file
+                tmp = cache_dir / f".{path.name}.{os.getpid()}.tmp"
+                shutil.copyfile(path, tmp)
+                os.replace(tmp, cache_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return counts
+
+
 def submit_sweep(spec: Any, sweep: SweepDir, cells: list[Cell], *, dry_run: bool = False,
                  retry_failed: bool = True, only: set[str] | None = None) -> dict[str, Any]:
     if dry_run:
         plan = plan_submission(spec, sweep, cells, retry_failed=retry_failed, only=only) if sweep.exists() else _fresh_plan(spec, cells)
         return {"dry_run": True, **plan.to_json()}
+    preflight_datasets(spec, cells)
     with sweep.lock():
         sweep.write_manifest(spec, cells)
         plan = plan_submission(spec, sweep, cells, retry_failed=retry_failed, only=only)
