@@ -412,3 +412,29 @@ def test_slurm_parameters_keep_jobs_offline_requeueable_and_thread_bound() -> No
     assert params["slurm_additional_parameters"]["requeue"] is True
     assert params["slurm_additional_parameters"]["mem"] == 3000
     assert params["timeout_min"] == 20 and params["cpus_per_task"] == 4 and params["slurm_partition"] == "debug"
+
+
+@e2e
+def test_two_simultaneous_submits_submit_each_cell_once(
+    dev_slurm: ClusterInfo, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+) -> None:
+    """Two `submit`s of one sweep started at the same moment: the sweep-directory lock
+    makes the second see the first's (still unaccounted) jobs, so no cell is queued twice."""
+    assets = shared_assets(tmp_path_factory)
+    root = tmp_path_factory.mktemp("grid-concurrent")
+    sweep_file = write_sweep(
+        root / "sweep.yaml", assets, output_dir=root / "out", name=f"grid-conc-{secrets.token_hex(3)}",
+        executor="slurm", partition=dev_slurm.partition, mem=f"{MEM_MB}M", time_min=20, cells_per_task=2,
+        loso_variants=("no_llm",), cross_domain_variants=("no_llm",),
+    )
+    cmd = [sys.executable, "-m", "orchestrator.cli", "submit", str(sweep_file), "--json"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-500:] for o in outs]
+    submitted = sorted(json.loads(o[0])["submitted"] for o in outs)
+    cells = manifest_cell_ids(root / "out")
+    assert submitted == [0, len(cells)]
+    queued = [cid for sub in SweepDir(root / "out").submissions() for ids in sub.get("tasks", {}).values() for cid in ids]
+    assert sorted(queued) == sorted(cells)  # every cell in exactly one task
+    wait_all_finished(root / "out", timeout_s=SWEEP_TIMEOUT_S)
+    assert sorted(p.stem for p in result_files(root / "out")) == sorted(cells)
