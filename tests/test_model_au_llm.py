@@ -18,19 +18,14 @@ from aullm.model.au_llm import AULLM, ModelSettings
 from aullm.model.backbone import F_HIGH_DIM, F_MID_DIM
 from aullm.model.llm import BaseLLM, load_base_llm
 from aullm.model.projector import make_projector
-from aullm.model.tiny import TINY_VOCAB_SIZE, build_tiny_llm
+from aullm.model.tiny import TINY_VOCAB_SIZE
 
 NUM_AUS = 4
 
 
-@pytest.fixture(scope="session")
-def tiny_llm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_llm(tmp_path_factory.getbasetemp() / "tiny-llm-seed0", seed=0)
-
-
 @pytest.fixture(scope="module")
-def llm(tiny_llm_dir: Path) -> BaseLLM:
-    return load_base_llm(tiny_llm_dir)
+def llm(tiny_llm: Path) -> BaseLLM:
+    return load_base_llm(tiny_llm)
 
 
 def clips(batch: int = 3, seed: int = 0) -> torch.Tensor:
@@ -146,13 +141,13 @@ def _train_and_predict(model: AULLM, steps: int = 2) -> torch.Tensor:
         return model(clips(seed=1))
 
 
-def test_reused_llm_after_reset_equals_fresh_load(tiny_llm_dir: Path, llm: BaseLLM) -> None:
+def test_reused_llm_after_reset_equals_fresh_load(tiny_llm: Path, llm: BaseLLM) -> None:
     # A job that trained another cell before (LoRA weights moved) ...
     _train_and_predict(AULLM.build("f_high", NUM_AUS, llm, seed=99), steps=1)
     torch.manual_seed(1234)  # ... and whose global RNG is elsewhere
     # f_high: the smallest LLM variant (the projector is not what is under test here)
     reused = _train_and_predict(AULLM.build("f_high", NUM_AUS, llm, seed=7))
-    fresh_llm = load_base_llm(tiny_llm_dir)
+    fresh_llm = load_base_llm(tiny_llm)
     fresh = _train_and_predict(AULLM.build("f_high", NUM_AUS, fresh_llm, seed=7))
     torch.testing.assert_close(reused, fresh, rtol=0, atol=0)
     other_seed = _train_and_predict(AULLM.build("f_high", NUM_AUS, fresh_llm, seed=8))
@@ -179,8 +174,8 @@ def test_llm_variants_need_an_llm() -> None:
     assert AULLM("no_llm", NUM_AUS, None)(clips(2)).shape == (2, NUM_AUS)
 
 
-def test_bfloat16_llm_with_float32_cell_modules(tiny_llm_dir: Path) -> None:
-    llm16 = load_base_llm(tiny_llm_dir, dtype="bfloat16")
+def test_bfloat16_llm_with_float32_cell_modules(tiny_llm: Path) -> None:
+    llm16 = load_base_llm(tiny_llm, dtype="bfloat16")
     assert llm16.dtype == torch.bfloat16
     model = AULLM.build("all", NUM_AUS, llm16, seed=0)
     logits = model(clips(2))

@@ -17,21 +17,15 @@ from aullm.model.llm import BaseLLM, LoraSettings, load_base_llm
 from aullm.model.tiny import TINY_VOCAB_SIZE, build_tiny_llm
 
 
-@pytest.fixture(scope="session")
-def tiny_llm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Same path in every test file of the session: the builder is idempotent.
-    return build_tiny_llm(tmp_path_factory.getbasetemp() / "tiny-llm-seed0", seed=0)
-
-
 @pytest.fixture(scope="module")
-def llm(tiny_llm_dir: Path) -> BaseLLM:
-    return load_base_llm(tiny_llm_dir)
+def llm(tiny_llm: Path) -> BaseLLM:
+    return load_base_llm(tiny_llm)
 
 
-def test_tiny_checkpoint_round_trips_exactly(tiny_llm_dir: Path) -> None:
+def test_tiny_checkpoint_round_trips_exactly(tiny_llm: Path) -> None:
     from transformers import AutoModel, AutoModelForCausalLM, Qwen2ForCausalLM
 
-    saved = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
+    saved = AutoModelForCausalLM.from_pretrained(tiny_llm)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         rebuilt = Qwen2ForCausalLM(saved.config)
@@ -39,18 +33,18 @@ def test_tiny_checkpoint_round_trips_exactly(tiny_llm_dir: Path) -> None:
     got = saved.state_dict()
     assert set(got) == set(ref)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
-    decoder = AutoModel.from_pretrained(tiny_llm_dir)
+    decoder = AutoModel.from_pretrained(tiny_llm)
     for k, v in decoder.state_dict().items():
         assert torch.equal(v, ref[f"model.{k}"]), k
 
 
-def test_tiny_build_is_idempotent_and_refuses_other_seed(tiny_llm_dir: Path) -> None:
-    weights = tiny_llm_dir / "model.safetensors"
+def test_tiny_build_is_idempotent_and_refuses_other_seed(tiny_llm: Path) -> None:
+    weights = tiny_llm / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    assert build_tiny_llm(tiny_llm_dir, seed=0) == tiny_llm_dir
+    assert build_tiny_llm(tiny_llm, seed=0) == tiny_llm
     assert weights.stat().st_mtime_ns == before
     with pytest.raises(UserInputError, match="seed"):
-        build_tiny_llm(tiny_llm_dir, seed=1)
+        build_tiny_llm(tiny_llm, seed=1)
 
 
 def test_tiny_build_refuses_a_foreign_directory(tmp_path: Path) -> None:
@@ -59,10 +53,10 @@ def test_tiny_build_refuses_a_foreign_directory(tmp_path: Path) -> None:
         build_tiny_llm(tmp_path)
 
 
-def test_tiny_tokenizer_works_offline(tiny_llm_dir: Path) -> None:
+def test_tiny_tokenizer_works_offline(tiny_llm: Path) -> None:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny_llm_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_llm)
     ids = tok(PAPER_PROMPT, add_special_tokens=False)["input_ids"]
     assert 3 <= len(ids) <= 12  # trained on the prompt: whole words, not bytes
     assert tok.decode(ids) == PAPER_PROMPT
@@ -131,10 +125,10 @@ def test_bad_paths_are_user_errors(tmp_path: Path) -> None:
         load_base_llm(tmp_path)
 
 
-def test_bad_lora_settings_are_user_errors(tiny_llm_dir: Path) -> None:
+def test_bad_lora_settings_are_user_errors(tiny_llm: Path) -> None:
     with pytest.raises(UserInputError, match="lora.r"):
         LoraSettings(r=0)
     with pytest.raises(UserInputError, match="target_modules"):
-        load_base_llm(tiny_llm_dir, lora=LoraSettings(target_modules=("query",)))
+        load_base_llm(tiny_llm, lora=LoraSettings(target_modules=("query",)))
     with pytest.raises(UserInputError, match="dtype"):
-        load_base_llm(tiny_llm_dir, dtype="float64")
+        load_base_llm(tiny_llm, dtype="float64")

@@ -13,36 +13,20 @@ import yaml
 
 from aullm.errors import UserInputError
 
-try:  # pytest puts tests/ on sys.path (no package); with PYTHONPATH=<repo> both work
-    from tests.slurm_cluster import (
-        DEFAULT_MAX_ARRAY_SIZE,
-        DEV_DIR,
-        PROFILES_DIR,
-        ClusterInfo,
-        dev_slurm,
-        ensure_dev_cluster,
-        privilege_prefix,
-        sacct_states,
-        sbatch,
-        squeue_state,
-        wait_for,
-        wait_for_sacct,
-    )
-except ImportError:  # pragma: no cover
-    from slurm_cluster import (  # type: ignore[no-redef]
-        DEFAULT_MAX_ARRAY_SIZE,
-        DEV_DIR,
-        PROFILES_DIR,
-        ClusterInfo,
-        dev_slurm,
-        ensure_dev_cluster,
-        privilege_prefix,
-        sacct_states,
-        sbatch,
-        squeue_state,
-        wait_for,
-        wait_for_sacct,
-    )
+from tests.slurm_cluster import (
+    DEFAULT_MAX_ARRAY_SIZE,
+    DEV_DIR,
+    PROFILES_DIR,
+    ClusterInfo,
+    dev_slurm,
+    ensure_dev_cluster,
+    privilege_prefix,
+    sacct_states,
+    sbatch,
+    squeue_state,
+    wait_for,
+    wait_for_sacct,
+)
 
 __all__ = ["dev_slurm"]  # the imported fixture is what registers it in this module
 

@@ -21,12 +21,8 @@ from orchestrator.summary_runs import group_metrics, paper_figures_by_group
 from orchestrator.tables import build_tables
 from orchestrator.tracking import CellRunLogger, TrackingConfig
 
-try:
-    from tests.mlflow_server import start_mlflow_server
-    from tests.test_collect import A_COMPAT, A_OURS, PROBS_SEED1, PROBS_SEED2, _done, hand_grid
-except ImportError:  # tests/ itself on sys.path (pytest's default rootdir-less import mode)
-    from mlflow_server import start_mlflow_server  # type: ignore[no-redef]
-    from test_collect import A_COMPAT, A_OURS, PROBS_SEED1, PROBS_SEED2, _done, hand_grid  # type: ignore[no-redef]
+from tests.mlflow_server import start_mlflow_server
+from tests.test_collect import A_COMPAT, A_OURS, PROBS_SEED1, PROBS_SEED2, _done, hand_grid
 
 R2 = math.sqrt(2.0)
 GROUPS = {

@@ -18,10 +18,7 @@ import pytest
 from aullm.errors import UserInputError
 from orchestrator import tracking as T
 
-try:  # pytest puts tests/ on sys.path (no package); with PYTHONPATH=<repo> both work
-    from tests.mlflow_server import free_port, start_mlflow_server
-except ImportError:  # pragma: no cover
-    from mlflow_server import free_port, start_mlflow_server  # type: ignore[no-redef]
+from tests.mlflow_server import free_port, start_mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
