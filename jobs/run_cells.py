@@ -98,10 +98,9 @@ def build_split(cell: Cell, datasets: DatasetCache):
     from aullm.data.folds import cross_domain_split, loso_split
 
     if cell.kind == "cross_domain":
-        source, _ = datasets.get(cell.train_dataset)
-        target, _ = datasets.get(cell.test_dataset)
-        # both sides are in the preprocessing cache already: this is a read, not a decode
-        return cross_domain_split(source, target), ClipStore.load(source + target, datasets.sweep.cache_dir)
+        source, source_store = datasets.get(cell.train_dataset)
+        target, target_store = datasets.get(cell.test_dataset)
+        return cross_domain_split(source, target), ClipStore.merged([source_store, target_store])
     samples, store = datasets.get(cell.dataset)
     layout = datasets.sweep.dataset_config(cell.dataset)["layout"]
     return loso_split(samples, cell.fold, DATASET_AUS[layout]), store

@@ -172,3 +172,15 @@ def test_one_cache_file_per_dataset(root: Path, tmp_path: Path) -> None:
     assert missing not in store
     with pytest.raises(KeyError, match="samm/099/x"):
         store.frames(missing)
+
+
+def test_merged_store_serves_every_clip_of_its_parts(root: Path, tmp_path: Path) -> None:
+    samples = read_dataset("casme2", root)
+    half = len(samples) // 2
+    first, second = ClipStore.load(samples[:half], tmp_path), ClipStore.load(samples[half:], tmp_path / "b")
+    merged = ClipStore.merged([first, second])
+    assert len(merged) == len(samples)
+    for sample in (samples[0], samples[-1]):
+        part = first if sample in first else second
+        assert merged.frames(sample) is part.frames(sample)  # a view of the same memory, no copy
+    assert merged.decoded == 0

@@ -140,6 +140,14 @@ class ClipStore:
                 clips[sample.key] = frames[starts[i] : starts[i + 1]]
         return cls(clips, cache_files, decoded)
 
+    @classmethod
+    def merged(cls, stores: Sequence[ClipStore]) -> ClipStore:
+        """One store over the clips of several (a cross-domain cell reads both datasets)."""
+        clips: dict[str, np.ndarray] = {}
+        for store in stores:
+            clips.update(store._clips)
+        return cls(clips, tuple(f for store in stores for f in store.cache_files), decoded=0)
+
     def __len__(self) -> int:
         return len(self._clips)
 
