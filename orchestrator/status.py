@@ -69,7 +69,7 @@ def task_records(sweep: SweepDir) -> list[TaskRecord]:
     return records
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -97,7 +97,7 @@ def task_states(sweep: SweepDir) -> dict[TaskRecord, TaskState]:
     slurm_arrays = sorted({r.job_id.split("_")[0] for r in records if r.executor == "slurm"})
     slurm_states = query_states(slurm_arrays) if slurm_arrays else {}
     local_alive = {
-        sub["batch_id"]: _pid_alive(int(sub["supervisor_pid"]))
+        sub["batch_id"]: pid_alive(int(sub["supervisor_pid"]))
         for sub in sweep.submissions()
         if sub.get("executor") == "local" and sub.get("host", os.uname().nodename) == os.uname().nodename
     }

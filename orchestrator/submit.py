@@ -403,7 +403,7 @@ def cancel_main(args: Any) -> int:
     import signal
 
     from orchestrator.spec import load_sweep
-    from orchestrator.status import _pid_alive
+    from orchestrator.status import pid_alive
 
     spec = load_sweep(args.sweep)
     sweep = SweepDir(spec.output_dir)
@@ -411,7 +411,7 @@ def cancel_main(args: Any) -> int:
     for sub in sweep.submissions():
         if sub.get("executor") == "slurm":
             slurm_ids += [x for x in (sub.get("array_job_id"), sub.get("collector_job_id")) if x]
-        elif sub.get("executor") == "local" and _pid_alive(int(sub["supervisor_pid"])):
+        elif sub.get("executor") == "local" and pid_alive(int(sub["supervisor_pid"])):
             try:  # the supervisor leads its own session: its tasks go with it
                 os.killpg(int(sub["supervisor_pid"]), signal.SIGTERM)
                 stopped += 1
@@ -427,7 +427,7 @@ def cancel_main(args: Any) -> int:
 
 def wait_for_sweep(sweep: SweepDir, *, poll_s: float = 3.0, timeout_s: float | None = None) -> dict[str, Any]:
     """Block until no cell is pending or running (for `submit --wait` and the demo)."""
-    from orchestrator.status import cell_statuses, summarize
+    from orchestrator.status import cell_statuses, pid_alive, summarize
 
     t0 = time.time()
     while True:
@@ -437,9 +437,7 @@ def wait_for_sweep(sweep: SweepDir, *, poll_s: float = 3.0, timeout_s: float | N
             # a local supervisor runs the collector after its last task: let it finish
             for sub in sweep.submissions():
                 if sub.get("executor") == "local":
-                    from orchestrator.status import _pid_alive
-
-                    while _pid_alive(int(sub["supervisor_pid"])):
+                    while pid_alive(int(sub["supervisor_pid"])):
                         time.sleep(0.5)
             return summary
         if timeout_s is not None and time.time() - t0 > timeout_s:
