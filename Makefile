@@ -34,7 +34,7 @@ demo: setup
 
 test: setup
 	bash slurm/dev/install.sh
-	$(BIN)/python -m pytest -q -m "not learning"
+	$(BIN)/python -m pytest -q
 
 test-learning: setup
 	$(BIN)/python -m pytest -q -s -m learning

@@ -330,6 +330,12 @@ class TrainingSpec(_Strict):
     lora_alpha: int = Field(32, gt=0, description="LoRA alpha (paper: 32)")
     lora_dropout: float = Field(0.1, ge=0, lt=1, description="LoRA dropout")
     num_prompt_vectors: int = Field(4, gt=0, description="learnable vectors of the prompt_learning variant")
+    batchnorm_stats: Literal["recompute", "running"] = Field(
+        "recompute",
+        description="recompute: BatchNorm statistics recomputed over the training clips before predicting "
+        "(calibrated probabilities at the fixed 0.5 threshold); running: the training-time moving averages "
+        "(released script)",
+    )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast on GPU, fp32 on CPU"
     )

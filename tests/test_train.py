@@ -54,10 +54,10 @@ def test_learns_synthetic_au_motion_better_than_controls(casme2_many_subjects, t
     """LOSO over a few folds: pooled binary F1 clearly above a constant predictor and a
     shuffled-label control trained the same way.
 
-    Not yet passing on the CPU budget (see the closing notes of issue 2): after 30
-    epochs the model ranks clips well (per-AU ROC AUC 0.7-1.0) but its probabilities
-    at the fixed 0.5 threshold are shifted per held-out subject, and pooled F1 sits at
-    the constant predictor's level. Run with `make test-learning`.
+    The paper's loss (ASL) and the fixed 0.5 threshold; 40 epochs at lr 1e-3 stand in for
+    the paper's 350 at 3e-5 on the CPU. It passes because each cell recomputes BatchNorm
+    statistics over its training clips before predicting (`batchnorm_stats`, docs/results.md):
+    with the training-time moving averages, F1 sat at the constant predictor's level.
     """
     samples, store = casme2_many_subjects
     config = TrainConfig(epochs=40, lr=1e-3, token_position="append")
@@ -126,6 +126,37 @@ def test_preempted_cell_resumes_where_it_stopped(casme2_store, tiny_llm, tmp_pat
     np.testing.assert_allclose(resumed.epoch_losses, straight.epoch_losses, rtol=1e-5)
     np.testing.assert_allclose(resumed.probs, straight.probs, atol=1e-5)
     assert not ckpt.exists()  # a finished cell leaves no checkpoint behind
+
+
+def test_recomputed_batchnorm_stats_are_those_of_the_training_clips(casme2_store):
+    """After training, each BatchNorm layer normalises with the exact mean and variance of
+    its inputs over the training clips (test sampling, dropout off), not the moving averages."""
+    import torch
+
+    from aullm.data.clips import test_frame_indices
+    from aullm.model.au_llm import AULLM
+
+    samples, store = casme2_store
+    split = loso_split(samples, loso_subjects(samples)[0], AUS)
+    trainer = CellTrainer(None, TrainConfig(epochs=1))
+    model = AULLM("no_llm", len(AUS), None, dropout=0.3)
+    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    assert len(norms) == 2
+    trainer._recompute_batchnorm_stats(model, split, store, 1.0)
+
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__(i, inp[0])) for i, m in enumerate(norms)]
+    model.eval()
+    with torch.no_grad():
+        model.backbone(torch.from_numpy(store.batch(split.train, lambda n: test_frame_indices(n, 6))))
+    for h in hooks:
+        h.remove()
+    for i, m in enumerate(norms):
+        x = seen[i].transpose(0, 1).flatten(1)  # (channels, everything else)
+        assert not m.training
+        torch.testing.assert_close(m.running_mean, x.mean(1), rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(m.running_var, x.var(1), rtol=1e-3, atol=1e-4)
+        assert m.momentum == 0.1  # restored for the next cell
 
 
 def test_no_llm_variant_trains_without_an_llm(casme2_store):
