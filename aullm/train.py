@@ -216,6 +216,14 @@ class CellTrainer:
             kwargs["mixed_precision"] = "no"
         if config.deepspeed:
             kwargs["deepspeed_plugin"] = _deepspeed_plugin(config, bf16=kwargs["mixed_precision"] == "bf16")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            # Without cpu=True, Accelerate ignores a multi-process environment on a machine without GPU.
+            kwargs["cpu"] = not on_gpu
+            # Every process trains the whole batch (jobs/process_group.py); some variants leave
+            # parameters without a gradient (f_mid never uses F_high's layer), which DDP must expect.
+            kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
         return kwargs
 
     def _uses_bf16(self) -> bool:
@@ -284,7 +292,9 @@ class CellTrainer:
         steps = 0
         for epoch in range(start_epoch, cfg.epochs):
             if should_stop is not None and checkpoint_path is not None and should_stop():
-                self._save_checkpoint(checkpoint_path, model, optimizer, epoch, epoch_losses, sampling_rng)
+                if self.accelerator.is_main_process:  # every rank holds the same state: one writer
+                    self._save_checkpoint(checkpoint_path, model, optimizer, epoch, epoch_losses, sampling_rng)
+                self.accelerator.wait_for_everyone()
                 self.accelerator.free_memory()
                 raise Preempted(f"stopped before epoch {epoch}; checkpoint at {checkpoint_path}")
             model.train()
@@ -321,7 +331,7 @@ class CellTrainer:
         probs = self._predict(model, split, store, scale)
         t_end = time.perf_counter()
         self.accelerator.free_memory()
-        if checkpoint_path is not None and checkpoint_path.is_file():
+        if checkpoint_path is not None and self.accelerator.is_main_process and checkpoint_path.is_file():
             checkpoint_path.unlink()
 
         return CellResult(

@@ -22,13 +22,15 @@ def supervise(sweep_dir: Path, batch_file: Path) -> int:
     batch = json.loads(batch_file.read_text())
     tasks: list[list[str]] = batch["tasks"]
     workers = max(1, int(batch.get("workers") or 1))
+    processes = max(1, int(batch.get("processes_per_task") or 1))
     folder = sweep_dir / "jobs" / batch_file.stem
     # pickled callables are code: owner only, like `jobs/` itself
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="local")
     # The local executor kills a job at timeout_min; a laptop sweep has no time limit.
-    executor.update_parameters(timeout_min=7 * 24 * 60)
+    # With several processes per task it starts them all, as srun does on Slurm.
+    executor.update_parameters(timeout_min=7 * 24 * 60, tasks_per_node=processes)
     pending = list(enumerate(tasks))
     running: list[tuple[int, object]] = []
     failures = 0
@@ -42,7 +44,8 @@ def supervise(sweep_dir: Path, batch_file: Path) -> int:
         for index, job in running:
             if job.done():
                 try:
-                    outcomes = job.result()
+                    # one result per process; every rank returns the same outcomes, rank 0's is read
+                    outcomes = job.results()[0]
                     print(f"task {index}: {outcomes}", flush=True)
                 except Exception as exc:  # noqa: BLE001 - report and go on with the other tasks
                     failures += 1

@@ -10,6 +10,11 @@ Preemption and timeouts: Slurm sends SIGUSR2 `signal_delay_s` before the time li
 (submitit's --signal) and SIGTERM when it preempts or `scontrol requeue`s a task. Both
 set a flag; the training loop sees it at the next epoch boundary, saves the cell's
 state and stops. On SIGUSR2 the task requeues itself; on SIGTERM Slurm decides.
+
+A task of several processes (`resources.processes_per_task`, see jobs/process_group.py)
+runs this same loop in every process: all of them train, rank 0 alone writes results,
+checkpoints and MLflow runs, and the choices that must match on every rank (skip or
+train a cell, stop at this epoch, how the cell ended) are rank 0's or agreed by all.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.process_group import TaskProcesses, join_task_processes
 from orchestrator.cells import Cell
 from orchestrator.ledger import SweepDir
 
@@ -34,16 +40,32 @@ from orchestrator.ledger import SweepDir
 MAX_ATTEMPTS_PER_CELL = 3
 
 
+# Which signal wins when the processes of a task received different ones: SIGTERM means
+# Slurm is already taking the task off the node, so nobody must requeue it on top.
+_STOP_PRIORITY = {signal.SIGUSR2: 1, signal.SIGTERM: 2}
+
+
 class _StopFlag:
-    def __init__(self) -> None:
-        self.signal: int | None = None
+    """Set by SIGUSR2/SIGTERM; read by the trainer at each epoch boundary.
+
+    The processes of a task get their signals a moment apart: each read is an agreement
+    (the strongest signal any rank has seen), so all ranks stop at the same epoch and none
+    is left alone in the next epoch's gradient all-reduce.
+    """
+
+    def __init__(self, processes: TaskProcesses) -> None:
+        self.processes = processes
+        self._received = 0  # the strongest signal this process got, as a _STOP_PRIORITY value
+        self.signal: int | None = None  # what the task acts on: the same on every rank
 
     def __call__(self) -> bool:
+        agreed = self.processes.highest(self._received)
+        self.signal = next((sig for sig, priority in _STOP_PRIORITY.items() if priority == agreed), None)
         return self.signal is not None
 
     def install(self) -> None:
         def handler(signum: int, _frame: Any) -> None:
-            self.signal = signum
+            self._received = max(self._received, _STOP_PRIORITY[signal.Signals(signum)])
             print(f"aullm-grid: received signal {signum}; checkpointing at the next epoch", file=sys.stderr, flush=True)
 
         for sig in (signal.SIGUSR2, signal.SIGTERM):
@@ -128,6 +150,7 @@ class _TaskReport:
 
     outcomes: dict[str, str] = field(default_factory=dict)
     llm_load_seconds: float | None = None
+    processes: TaskProcesses = field(default_factory=TaskProcesses)
 
     def line(self, n_cells: int, seconds: float) -> str:
         counts = Counter(o.split(" ")[0] for o in self.outcomes.values())
@@ -135,24 +158,76 @@ class _TaskReport:
         load = "not reached" if self.llm_load_seconds is None else f"{self.llm_load_seconds:.1f} s"
         # The DeepSpeed import alone costs ~5 s per task: it must appear only when configured.
         deepspeed = "yes" if "deepspeed" in sys.modules else "no"
-        return f"aullm-grid task: {n_cells} cells ({done}) in {seconds:.1f} s; model load {load}; deepspeed imported: {deepspeed}"
+        where = f"; process {self.processes.rank} of {self.processes.world_size}" if self.processes.distributed else ""
+        return (
+            f"aullm-grid task: {n_cells} cells ({done}) in {seconds:.1f} s; model load {load}; "
+            f"deepspeed imported: {deepspeed}{where}"
+        )
+
+
+@dataclass(frozen=True)
+class _CellEnd:
+    """How one process's run of a cell ended: done, preempted or failed (with the error)."""
+
+    status: str
+    error: str = ""
+    traceback: str = ""
+
+
+def _settle(ends: list[_CellEnd]) -> tuple[str, int, _CellEnd]:
+    """How the cell ended for the task, from every process's end (rank order).
+
+    Failed if any process failed (the first such rank's error is the cell's), else
+    preempted if any was (they stop together, see `_StopFlag`), else done.
+    """
+    for status in ("failed", "preempted"):
+        for rank, end in enumerate(ends):
+            if end.status == status:
+                return status, rank, end
+    return "done", 0, ends[0]
 
 
 def run_task(sweep_dir: str, cell_ids: list[str]) -> dict[str, str]:
-    """Entry point of one array task. Returns {cell_id: outcome} for submitit's result pickle."""
+    """Entry point of one array task (every process of it). Returns {cell_id: outcome}
+    for submitit's result pickle: the same on every rank."""
     t0 = time.time()
-    report = _TaskReport()
+    processes = join_task_processes()
+    report = _TaskReport(processes=processes)
     try:
         return _run_cells(sweep_dir, cell_ids, report)
     finally:
         print(report.line(len(cell_ids), time.time() - t0), flush=True)
+        processes.leave()
+
+
+def _claim(sweep: SweepDir, cell: Cell, processes: TaskProcesses) -> int | str:
+    """Rank 0's decision for one cell: the attempt number to train it under (the cell is
+    marked running), or why it is skipped."""
+    if sweep.result_exists(cell.cell_id, status="done"):
+        return "skipped (done)"
+    attempts = sweep.bump_attempts(cell.cell_id)
+    if attempts > MAX_ATTEMPTS_PER_CELL:
+        return "skipped (too many attempts)"
+    sweep.mark_running(
+        cell.cell_id,
+        {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "attempt": attempts,
+            "slurm": slurm_ids(),
+            "world_size": processes.world_size,
+        },
+    )
+    return attempts
 
 
 def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict[str, str]:
     from aullm.train import CellTrainer, Preempted, TrainConfig
     from orchestrator.tracking import CellRunLogger
 
-    stop = _StopFlag()
+    processes = report.processes
+    main = processes.is_main
+    stop = _StopFlag(processes)
     stop.install()
     sweep = SweepDir(sweep_dir)
     manifest = sweep.read_manifest()
@@ -163,28 +238,32 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
         raise RuntimeError(f"a task must share one LLM; got {sorted(llm_paths)}")
     if config.deepspeed:
         config.deepspeed = resolve_deepspeed_config(config.deepspeed)
-    if all(sweep.result_exists(c.cell_id, status="done") for c in cells):
+    # Rank 0 reads the ledger and the other ranks follow its answer, here and per cell:
+    # two reads of a directory rank 0 is writing to could disagree.
+    if processes.share(all(sweep.result_exists(c.cell_id, status="done") for c in cells) if main else None):
         # a requeued task whose cells all finished: no need to load the LLM at all
         report.outcomes.update((c.cell_id, "skipped (done)") for c in cells)
         return report.outcomes
     tracking = sweep.tracking_config()
     trainer = CellTrainer(next(iter(llm_paths)) if llm_paths else None, config)
     report.llm_load_seconds = trainer.load_seconds
+    world_size = trainer.accelerator.num_processes
+    if world_size != processes.world_size:
+        # each process would train alone: the same numbers at N times the cost, silently
+        raise RuntimeError(f"Accelerate sees {world_size} process(es) but this task has {processes.world_size}")
     datasets = DatasetCache(sweep)
     outcomes = report.outcomes
     host = socket.gethostname()
 
     for cell in cells:
-        if sweep.result_exists(cell.cell_id, status="done"):
-            outcomes[cell.cell_id] = "skipped (done)"
+        claim = processes.share(_claim(sweep, cell, processes) if main else None)
+        if isinstance(claim, str):
+            outcomes[cell.cell_id] = claim
             continue
-        attempts = sweep.bump_attempts(cell.cell_id)
-        if attempts > MAX_ATTEMPTS_PER_CELL:
-            outcomes[cell.cell_id] = "skipped (too many attempts)"
-            continue
-        sweep.mark_running(cell.cell_id, {"host": host, "pid": os.getpid(), "attempt": attempts, "slurm": slurm_ids()})
-        logger = CellRunLogger(tracking, sweep.path, cell.cell_id)
-        logger.start(params={**cell.params(), **config.__dict__}, tags=cell.tags(manifest.get("name", "")))
+        attempts = claim
+        logger = CellRunLogger(tracking, sweep.path, cell.cell_id) if main else None
+        if logger is not None:
+            logger.start(params={**cell.params(), **config.__dict__}, tags=cell.tags(manifest.get("name", "")))
         t0 = time.time()
         try:
             split, store = build_split(cell, datasets)
@@ -194,30 +273,44 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
                 cell.variant,
                 cell.seed,
                 config,
-                on_epoch=lambda epoch, loss, cid=cell.cell_id: _epoch_done(logger, cid, epoch, loss),
+                on_epoch=(
+                    None
+                    if logger is None
+                    else lambda epoch, loss, cid=cell.cell_id, log=logger: _epoch_done(log, cid, epoch, loss)
+                ),
                 checkpoint_path=sweep.checkpoint_path(cell.cell_id),
                 should_stop=stop,
             )
+            end = _CellEnd("done")
         except Preempted:
-            logger.finish("KILLED", None, end_reason="preempted")
-            if stop.signal == signal.SIGUSR2:
-                _requeue_self()
-            outcomes[cell.cell_id] = "preempted"
-            return outcomes
+            end = _CellEnd("preempted")
         except Exception as exc:  # noqa: BLE001 - a failed cell must not take its pack down
+            end = _CellEnd("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()[-4000:])
+        status, rank, end = _settle(processes.gather(end))
+        outcomes[cell.cell_id] = status
+        if status == "preempted":
+            if logger is not None:
+                logger.finish("KILLED", None, end_reason="preempted")
+                if stop.signal == signal.SIGUSR2:
+                    _requeue_self()
+            return outcomes
+        if logger is None:
+            continue  # not rank 0: the ledger and MLflow are rank 0's
+        if status == "failed":
+            error = end.error if rank == 0 else f"process {rank}: {end.error}"
             payload = {
                 "cell_id": cell.cell_id,
                 "status": "failed",
-                "error": f"{type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc()[-4000:],
+                "error": error,
+                "traceback": end.traceback,
                 "attempt": attempts,
                 "host": host,
                 "slurm": slurm_ids(),
+                "world_size": world_size,
                 "finished_at": time.time(),
             }
             sweep.write_result(cell.cell_id, payload)
-            logger.finish("FAILED", None, end_reason=payload["error"][:250])
-            outcomes[cell.cell_id] = "failed"
+            logger.finish("FAILED", None, end_reason=error[:250])
             continue
         payload = {
             "cell_id": cell.cell_id,
@@ -226,12 +319,12 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
             "attempt": attempts,
             "host": host,
             "slurm": slurm_ids(),
+            "world_size": world_size,  # processes that trained the cell together (data parallel)
             "started_at": t0,
             "finished_at": time.time(),
         }
         sweep.write_result(cell.cell_id, payload)
         logger.finish("FINISHED", {"final_train_loss": result.epoch_losses[-1] if result.epoch_losses else float("nan")})
-        outcomes[cell.cell_id] = "done"
     return outcomes
 
 

@@ -376,7 +376,15 @@ class ResourcesSpec(_Strict):
     qos: str | None = Field(None, min_length=1, description="Slurm QOS")
     gres: str | None = Field(None, description="Slurm generic resources, e.g. gpu:h100:1")
     gpus_per_node: int | None = Field(None, ge=0, le=MAX_GPUS_PER_NODE, description="GPUs per array task")
-    cpus_per_task: int = Field(1, ge=1, le=MAX_CPUS_PER_TASK, description="CPU cores per array task")
+    processes_per_task: int = Field(
+        1,
+        ge=1,
+        le=MAX_GPUS_PER_NODE,
+        description="processes of one array task, on one node (--ntasks-per-node): one per GPU; >1 = data parallel",
+    )
+    cpus_per_task: int = Field(
+        1, ge=1, le=MAX_CPUS_PER_TASK, description="CPU cores of each process of an array task (--cpus-per-task)"
+    )
     mem: Annotated[int | None, BeforeValidator(parse_mem_mb)] = Field(
         None, description="memory per task (64G, 500M; stored in MB); null = cluster default"
     )
@@ -430,13 +438,57 @@ class ResourcesSpec(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> ResourcesSpec:
+    def _consistent(self, info: ValidationInfo) -> ResourcesSpec:
         if self.signal_delay_s is not None and self.signal_delay_s >= self.time * 60:
             raise PydanticCustomError(
                 "signal_delay",
                 f"signal_delay_s {self.signal_delay_s} must be shorter than the time limit ({self.time} min)",
             )
+        # A profile alone may ask for 4 GPUs and leave processes_per_task to the sweep that
+        # names it: GPUs and processes are matched once the two are merged.
+        if not (info.context or {}).get("profile_only"):
+            self._check_processes()
         return self
+
+    def _check_processes(self) -> None:
+        """One process per GPU: a process trains on one device, and NCCL refuses two ranks on one GPU."""
+        processes = self.processes_per_task
+        if processes > 1 and self.executor == "debug":
+            raise PydanticCustomError(
+                "processes",
+                f"processes_per_task {processes} needs executor slurm or local (debug runs each task inside this process)",
+            )
+        gpus = self.gpus_per_task
+        if gpus is None or gpus == 0 or gpus == processes:
+            return  # no GPU asked for: CPU processes (gloo), as many as wanted
+        source = f"gpus_per_node {self.gpus_per_node}" if self.gpus_per_node else f"gres '{self.gres}'"
+        if processes == 1:
+            raise PydanticCustomError(
+                "processes",
+                f"{source} with processes_per_task 1 leaves {gpus - 1} GPU(s) idle (a process uses one GPU);"
+                f" set processes_per_task: {gpus}",
+            )
+        raise PydanticCustomError(
+            "processes",
+            f"processes_per_task {processes} with {source} ({gpus} GPUs): a task runs one process per GPU,"
+            f" so both must be equal",
+        )
+
+    @property
+    def gpus_per_task(self) -> int | None:
+        """GPUs one array task asks for (`gpus_per_node`, else the count of a `gpu` gres), or None."""
+        if self.gpus_per_node is not None:
+            return self.gpus_per_node
+        if not self.gres:
+            return None
+        total = None
+        for entry in self.gres.split(","):
+            parts = entry.split(":")
+            if parts[0] != "gpu":
+                continue
+            # gpu, gpu:4, gpu:h100, gpu:h100:4: a trailing number is the count, otherwise one
+            total = (total or 0) + (int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1)
+        return total
 
     @property
     def mem_gb(self) -> float | None:
@@ -830,7 +882,7 @@ def load_profile(path: Path) -> dict[str, Any]:
                 _field_message(shown, prof_node, (key,), "a profile sets cluster resources; set this in the sweep file")
             )
     try:
-        ResourcesSpec.model_validate(values)
+        ResourcesSpec.model_validate(values, context={"profile_only": True})
     except ValidationError as exc:
         raise UserInputError(_validation_message(exc, shown, prof_node)) from None
     return values

@@ -140,6 +140,9 @@ def slurm_parameters(resources: Any) -> dict[str, Any]:
             # torch sizes its thread pool by the node's cores, not the task's CPUs: without
             # cgroup binding, array tasks sharing a node would oversubscribe it
             "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}",
+            # Since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch: without
+            # this, each process submitit's srun starts could be bound to a single core
+            "export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-1}}",
         ],
         "stderr_to_stdout": True,
     }
@@ -154,6 +157,11 @@ def slurm_parameters(resources: Any) -> dict[str, Any]:
         params["slurm_gres"] = resources.gres
     if resources.gpus_per_node:
         params["gpus_per_node"] = resources.gpus_per_node
+    if resources.processes_per_task > 1:
+        # srun starts this many copies of the task on one node; jobs.run_cells joins them
+        # into one torch process group (one process per GPU)
+        params["nodes"] = 1
+        params["tasks_per_node"] = resources.processes_per_task
     extra.update(resources.extra_sbatch or {})
     params["slurm_additional_parameters"] = extra
     return {k: v for k, v in params.items() if v is not None}
@@ -213,8 +221,9 @@ def _submit_collector(spec: Any, sweep: SweepDir, folder: Path, array_ids: list[
 
     collect_ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
     params = slurm_parameters(spec.resources)
-    params.pop("gpus_per_node", None)  # scoring and tables need no GPU
+    params.pop("gpus_per_node", None)  # scoring and tables need no GPU, and one process
     params.pop("slurm_gres", None)
+    params.pop("tasks_per_node", None)
     params["slurm_additional_parameters"] = {
         **params["slurm_additional_parameters"],
         "dependency": "afterany:" + ":".join(array_ids),
@@ -241,12 +250,15 @@ def submit_local(spec: Any, sweep: SweepDir, plan: Plan) -> dict[str, Any]:
     batch_id = f"local-{int(time.time() * 1000)}"
     tasks = [[c.cell_id for c in task] for array in plan.arrays for task in array]
     batch_file = folder / f"{batch_id}.json"
-    batch_file.write_text(json.dumps({"tasks": tasks, "workers": spec.resources.max_local_workers}))
+    processes = spec.resources.processes_per_task
+    batch_file.write_text(
+        json.dumps({"tasks": tasks, "workers": spec.resources.max_local_workers, "processes_per_task": processes})
+    )
     log = open(sweep.path / "logs" / f"{batch_id}.supervisor.log", "ab")
     env = {**os.environ, **JOB_ENV}
-    # share this machine's cores between the tasks that run at once (torch would give each all of them)
+    # share this machine's cores between the processes that run at once (torch would give each all of them)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // spec.resources.max_local_workers)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // (spec.resources.max_local_workers * processes))))
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.local_supervisor", str(sweep.path), str(batch_file)],
         stdout=log,

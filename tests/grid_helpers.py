@@ -74,6 +74,7 @@ def sweep_dict(
     cross_domain_variants: tuple[str, ...] = ("all", "no_llm"),
     loso_variants: tuple[str, ...] = ("all", "no_llm"),
     max_array_size: int | None = None,
+    processes_per_task: int = 1,
 ) -> dict[str, Any]:
     """The demo sweep's shape (sweeps/demo.yaml), small enough for a 2-core test machine.
 
@@ -87,6 +88,8 @@ def sweep_dict(
         "time": time_min,
         "cpus_per_task": 1,
     }
+    if processes_per_task != 1:
+        resources["processes_per_task"] = processes_per_task
     if executor == "slurm":
         resources.update({"partition": partition, "mem": mem, "array_parallelism": array_parallelism})
         if max_array_size is not None:

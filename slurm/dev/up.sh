@@ -29,7 +29,9 @@ for bin in munged mariadbd slurmdbd slurmctld slurmd sacctmgr scontrol sinfo sac
 done
 
 NODE=$(hostname -s)
-CPUS=$(nproc)
+# nproc honours OMP_NUM_THREADS (a test pinning torch to one thread would shrink the
+# node to one CPU); the CPUs this process may run on are what the node has.
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 MEM_MB=$(awk '$1 == "MemTotal:" { print int($2 / 1024) }' /proc/meminfo)
 # Leave the OS, MariaDB and the daemons room: 10 %, at least 512 MB. A RealMemory
 # above what slurmd measures would drain the node ("Low RealMemory").

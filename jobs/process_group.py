@@ -1,0 +1,129 @@
+"""The processes of one array task, and the few things they must agree on.
+
+A sweep with `resources.processes_per_task: N` gets N processes per array task on one
+node (srun starts them on Slurm, submitit's LocalExecutor on a laptop), one per GPU.
+`join_task_processes` turns what submitit knows about them into a torch process group
+(the env:// variables Accelerate reads, then `init_process_group`).
+
+How the processes share the work: each one trains every cell of the pack on the whole
+training split (one full batch, as the paper), with the same seeds, so they compute the
+same gradients and DistributedDataParallel's average is that very gradient. A cell's
+numbers therefore do not depend on how many processes its task got. Splitting the batch
+instead would change the algorithm: BatchNorm would see a shard instead of the batch
+(SyncBatchNorm is GPU-only), and dropout masks would differ.
+
+Only rank 0 writes to the sweep directory and MLflow. Every choice that decides which
+collective comes next (train or skip a cell, stop for a preemption, how a cell ended) is
+made once and shared, so no rank is left waiting in a collective the others never join.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# Variables that describe some other distributed job (the shell that ran `submit`, whose
+# environment sbatch exports): a task takes its own from Slurm or submitit, never these.
+INHERITED_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+# Collectives wait while rank 0 alone writes results or talks to MLflow (whose file locks
+# may wait up to 10 minutes): the group must outlast that, or a slow disk kills a task.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class TaskProcesses:
+    """This process's place in its array task. The default is a task of one process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes results, checkpoints and MLflow runs."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def share(self, value: T) -> T:
+        """Rank 0's `value`, on every rank (what the other ranks pass is ignored)."""
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+
+        box: list[Any] = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value: T) -> list[T]:
+        """Every rank's `value`, in rank order, on every rank."""
+        if not self.distributed:
+            return [value]
+        import torch.distributed as dist
+
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def highest(self, value: int) -> int:
+        """The largest of every rank's `value` (one small all-reduce)."""
+        if not self.distributed:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
+
+    def leave(self) -> None:
+        """Close the process group (a clean exit instead of torch's warning at shutdown)."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def join_task_processes() -> TaskProcesses:
+    """Join the other processes of this array task; a lone process joins nothing.
+
+    Outside a submitit job (`python -m jobs.run_cells` by hand) it is a task of one.
+    """
+    import submitit
+
+    try:
+        job_env = submitit.JobEnvironment()
+    except RuntimeError:
+        return TaskProcesses()
+    for name in INHERITED_DIST_VARS:
+        os.environ.pop(name, None)
+    if job_env.num_tasks <= 1:
+        return TaskProcesses()
+    if job_env.num_nodes > 1:
+        raise RuntimeError(f"a task's processes must share one node; this job has {job_env.num_nodes} nodes")
+    import torch
+    import torch.distributed as dist
+    from submitit.helpers import TorchDistributedEnvironment
+
+    # MASTER_ADDR is the job's first node, MASTER_PORT a port drawn from the job id (so
+    # array tasks sharing a node do not collide), RANK/WORLD_SIZE/LOCAL_RANK from Slurm.
+    # CUDA_VISIBLE_DEVICES is left as Slurm set it: replacing it by the bare local rank
+    # would pick another job's GPU on a node without device cgroups; Accelerate picks
+    # device local_rank among the visible ones instead.
+    env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        # NCCL for the gradients on the GPUs, gloo for the small CPU messages of `share`/`gather`
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
+    return TaskProcesses(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank)

@@ -1,0 +1,282 @@
+"""Array tasks of several processes (`resources.processes_per_task`), one per GPU.
+
+Every process of a task trains each cell on the whole (full-batch) training split with
+the same seeds, and DDP averages their identical gradients: a cell's predictions must be
+those of a one-process task. The reference is the same sweep run by the `debug`
+executor, in one process, no Slurm needed; every run uses one thread per process.
+
+On the real dev Slurm cluster (2 CPUs: one task of two gloo processes at a time):
+- a 4-cell sweep, 2 cells per task, runs to done with exactly one result per cell, each
+  saying world size 2, and the predictions of the one-process run;
+- SIGUSR2 sent to rank 0 alone mid-training stops both ranks at the same epoch (rank 1
+  ends its task "preempted", not with a broken all-reduce), rank 0 writes the checkpoint
+  and requeues the task, and the requeued task resumes from it to the reference result.
+The local executor (submitit's LocalExecutor starts the processes) is checked the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from aullm.errors import UserInputError
+from orchestrator.ledger import SweepDir
+from orchestrator.spec import ResourcesSpec, load_sweep
+from orchestrator.submit import slurm_parameters
+from tests.grid_helpers import (
+    GridAssets,
+    cell_predictions,
+    manifest_cell_ids,
+    result_files,
+    run_cli,
+    shared_assets,
+    sweep_dict,
+    wait_all_finished,
+)
+from tests.slurm_cluster import ClusterInfo, dev_slurm  # noqa: F401 - the session fixture
+
+PROCESSES = 2
+FOLDS = ["sub01", "sub02"]  # of the 3-subject synthetic CASME II
+VARIANTS = ["all", "f_mid"]  # LoRA through DDP; f_mid leaves F_high's layer without a gradient
+EPOCHS = 2
+PREEMPT_EPOCHS = 20  # long enough to be caught mid-training
+SWEEP_TIMEOUT_S = 900
+# Probabilities are stored rounded to 1e-7. Measured gap: 0 (DDP's mean of two identical
+# gradients is exact); a wrong gradient scale or ranks drawing different dropout masks
+# would show far above this.
+PROB_ATOL = 1e-6
+_EPOCH_LINE = re.compile(r"aullm-grid: cell (\S+) epoch (\d+) ")
+
+
+def _sweep_file(root: Path, assets: GridAssets, *, executor: str, processes: int, epochs: int = EPOCHS,
+                variants: list[str] = VARIANTS, folds: list[str] = FOLDS, cells_per_task: int = 2) -> Path:
+    spec = sweep_dict(
+        assets, output_dir=root / "out", name=f"mp-{secrets.token_hex(3)}", executor=executor,
+        cells_per_task=cells_per_task, array_parallelism=1, max_local_workers=1, epochs=epochs,
+        mem="3000M", time_min=20, cross_domain_variants=(), processes_per_task=processes,
+    )  # fmt: skip
+    spec["datasets"]["casme2"]["folds"] = folds
+    spec["grid"] = [{"protocol": "loso", "datasets": ["casme2"], "variants": variants}]
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _submit_reference(sweep_file: Path) -> Path:
+    """Run a debug-executor sweep: one process, inside the CLI."""
+    run_cli("submit", sweep_file, "--json", timeout_s=SWEEP_TIMEOUT_S).check()
+    out = sweep_file.parent / "out"
+    _assert_one_done_result_per_cell(out, world_size=1)
+    return out
+
+
+def _payloads(out_dir: Path) -> dict[str, dict[str, Any]]:
+    return {p.stem: json.loads(p.read_text()) for p in result_files(out_dir)}
+
+
+def _assert_one_done_result_per_cell(out_dir: Path, *, world_size: int) -> dict[str, dict[str, Any]]:
+    cell_ids = manifest_cell_ids(out_dir)
+    payloads = _payloads(out_dir)
+    assert sorted(payloads) == sorted(cell_ids)
+    assert {p["status"] for p in payloads.values()} == {"done"}, {c: p.get("error") for c, p in payloads.items()}
+    assert {p["world_size"] for p in payloads.values()} == {world_size}
+    assert not [p for p in (out_dir / "results").iterdir() if p.name.startswith(".")]
+    checkpoints = out_dir / "checkpoints"
+    assert not (checkpoints.is_dir() and list(checkpoints.iterdir())), list(checkpoints.iterdir())
+    return payloads
+
+
+def _assert_same_predictions(out_dir: Path, reference_dir: Path) -> float:
+    """Every cell's probabilities equal the reference run's (same samples, same order); the largest gap."""
+    ours, reference = cell_predictions(out_dir), cell_predictions(reference_dir)
+    assert sorted(ours) == sorted(reference)
+    worst = 0.0
+    for cid, ref in reference.items():
+        assert ours[cid]["sample_keys"] == ref["sample_keys"]
+        np.testing.assert_array_equal(ours[cid]["labels"], ref["labels"])
+        np.testing.assert_allclose(ours[cid]["probs"], ref["probs"], rtol=0, atol=PROB_ATOL, err_msg=cid)
+        worst = max(worst, float(np.abs(ours[cid]["probs"] - ref["probs"]).max()))
+    # the predictions are not all alike: equality above says something
+    assert np.ptp(np.concatenate([r["probs"].ravel() for r in reference.values()])) > 1e-3
+    return worst
+
+
+def _rank_logs(out_dir: Path, rank: int) -> list[Path]:
+    return sorted((out_dir / "jobs").glob(f"*/*_{rank}_log.out"))
+
+
+# ------------------------------------------------------------------ spec and sbatch mapping (fast)
+
+
+def test_processes_map_to_tasks_per_node_on_one_node() -> None:
+    params = slurm_parameters(ResourcesSpec(executor="slurm", processes_per_task=4, gpus_per_node=4))
+    assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"]) == (1, 4, 4)
+    assert "tasks_per_node" not in slurm_parameters(ResourcesSpec(executor="slurm"))
+    # srun (Slurm >= 22.05) must hand each process the CPUs sbatch gave it
+    assert any("SRUN_CPUS_PER_TASK" in line for line in params["slurm_setup"])
+
+
+@pytest.mark.parametrize(
+    ("resources", "expected"),
+    [
+        ({"processes_per_task": 2, "gpus_per_node": 4}, "processes_per_task 2 with gpus_per_node 4"),
+        ({"processes_per_task": 4, "gres": "gpu:h100:2"}, "processes_per_task 4 with gres 'gpu:h100:2'"),
+        ({"gres": "gpu:h100:4"}, "set processes_per_task: 4"),
+        ({"executor": "debug", "processes_per_task": 2}, "needs executor slurm or local"),
+        ({"processes_per_task": 0}, "field 'resources.processes_per_task': 0 must be >= 1"),
+    ],
+)
+def test_impossible_process_and_gpu_combinations_are_one_line_errors(
+    tmp_path: Path, resources: dict[str, Any], expected: str
+) -> None:
+    spec = {
+        "name": "t", "output_dir": "out", "datasets": {"casme2": {"root": "data/casme2"}},
+        "llms": {"tiny": {"path": "models/tiny"}}, "grid": [{"datasets": ["casme2"], "variants": ["all"]}],
+        "resources": {"executor": "slurm", **resources},
+    }  # fmt: skip
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(UserInputError) as err:
+        load_sweep(path)
+    message = str(err.value)
+    assert expected in message and message.startswith(f"{path}: field 'resources") and "\n" not in message
+
+
+def test_a_gpu_profile_leaves_the_process_count_to_the_sweep(tmp_path: Path) -> None:
+    (tmp_path / "h100x4.yaml").write_text(yaml.safe_dump({"partition": "gpu", "gres": "gpu:h100:4"}))
+    spec = {
+        "name": "t", "output_dir": "out", "datasets": {"casme2": {"root": "data/casme2"}},
+        "llms": {"tiny": {"path": "models/tiny"}}, "grid": [{"datasets": ["casme2"], "variants": ["all"]}],
+        "resources": {"executor": "slurm", "profile": "h100x4.yaml", "processes_per_task": 4},
+    }  # fmt: skip
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    resources = load_sweep(path).resources
+    assert (resources.processes_per_task, resources.gpus_per_task) == (4, 4)
+    # CPU-only processes (gloo) need no GPU at all
+    assert ResourcesSpec(executor="local", processes_per_task=3).gpus_per_task is None
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_per_process() -> Iterator[None]:
+    """Every run of this module computes with one thread per process (the CLI's environment
+    reaches the debug, local and Slurm tasks): thread counts change float sums, and 20
+    epochs grow that into gaps of 1e-5 that would hide what the comparison is about."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> GridAssets:
+    return shared_assets(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reference(assets: GridAssets, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 4-cell sweep trained in one process (the debug executor, inside the CLI)."""
+    return _submit_reference(_sweep_file(tmp_path_factory.mktemp("mp-reference"), assets, executor="debug", processes=1))
+
+
+@pytest.mark.slow
+def test_local_executor_two_processes_give_the_one_process_predictions(
+    assets: GridAssets, reference: Path, tmp_path: Path
+) -> None:
+    sweep_file = _sweep_file(tmp_path, assets, executor="local", processes=PROCESSES)
+    t0 = time.monotonic()
+    run_cli("submit", sweep_file, "--wait", timeout_s=SWEEP_TIMEOUT_S).check()
+    out = sweep_file.parent / "out"
+    _assert_one_done_result_per_cell(out, world_size=PROCESSES)
+    worst = _assert_same_predictions(out, reference)
+    assert all("process 1 of 2" in log.read_text() for log in _rank_logs(out, 1))
+    print(f"\n[multiprocess] local, 2 processes: {time.monotonic() - t0:.1f} s; largest probability gap {worst:.1e}")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_two_process_tasks_give_the_one_process_predictions(
+    dev_slurm: ClusterInfo, assets: GridAssets, reference: Path, tmp_path: Path  # noqa: F811
+) -> None:
+    if dev_slurm.cpus < PROCESSES:
+        pytest.fail(f"the dev node has {dev_slurm.cpus} CPUs; a task of {PROCESSES} one-CPU processes must fit")
+    sweep_file = _sweep_file(tmp_path, assets, executor="slurm", processes=PROCESSES)
+    out = sweep_file.parent / "out"
+    t0 = time.monotonic()
+    try:
+        submitted = run_cli("submit", sweep_file, "--json").check().json()
+        wait_all_finished(out, timeout_s=SWEEP_TIMEOUT_S)
+    finally:
+        run_cli("cancel", sweep_file, timeout_s=60)
+    assert submitted["tasks"] == 2
+    payloads = _assert_one_done_result_per_cell(out, world_size=PROCESSES)
+    worst = _assert_same_predictions(out, reference)
+    for cid, payload in payloads.items():
+        ref = json.loads((reference / "results" / f"{cid}.json").read_text())
+        np.testing.assert_allclose(payload["epoch_losses"], ref["epoch_losses"], rtol=1e-5, err_msg=cid)
+    # sbatch asked for the processes, srun started them, and both ranks ran every cell
+    (array_id,) = submitted["array_job_ids"]
+    script = (out / "jobs" / array_id / f"{array_id}_submission.sh").read_text()
+    assert "#SBATCH --ntasks-per-node=2" in script and "#SBATCH --nodes=1" in script
+    collector = submitted["collector_job_id"]
+    assert "--ntasks-per-node" not in (out / "jobs" / collector / f"{collector}_submission.sh").read_text()
+    rank1 = _rank_logs(out, 1)
+    assert len(rank1) == 2 and all("2 cells (done 2)" in log.read_text() for log in rank1), rank1
+    print(f"\n[multiprocess] slurm, 2 processes per task: {time.monotonic() - t0:.1f} s; largest probability gap {worst:.1e}")
+
+
+def _wait_training(out_dir: Path, *, min_epoch: int, timeout_s: float = 300) -> dict[str, Any]:
+    """The running marker (rank 0's pid, slurm ids) of a cell rank 0 reports past `min_epoch`."""
+    sweep = SweepDir(out_dir)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        markers = sweep.running_markers()
+        for log in _rank_logs(out_dir, 0):
+            for cid, epoch in _EPOCH_LINE.findall(log.read_text(errors="replace")):
+                if min_epoch <= int(epoch) < PREEMPT_EPOCHS - 8 and cid in markers:
+                    return markers[cid]
+        time.sleep(0.3)
+    raise TimeoutError(f"no cell of {out_dir} reached epoch {min_epoch} in {timeout_s:.0f} s")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_usr2_to_rank0_alone_stops_both_ranks_and_the_task_resumes(
+    dev_slurm: ClusterInfo, assets: GridAssets, tmp_path: Path  # noqa: F811
+) -> None:
+    one_cell = {"variants": ["no_llm"], "folds": FOLDS[:1], "cells_per_task": 1, "epochs": PREEMPT_EPOCHS}
+    reference = _submit_reference(_sweep_file(tmp_path / "reference", assets, executor="debug", processes=1, **one_cell))
+    sweep_file = _sweep_file(tmp_path / "preempted", assets, executor="slurm", processes=PROCESSES, **one_cell)
+    out = sweep_file.parent / "out"
+    try:
+        run_cli("submit", sweep_file, "--json").check()
+        marker = _wait_training(out, min_epoch=3)
+        # the time-limit warning, to one process only: the ranks must still agree to stop
+        os.kill(int(marker["pid"]), signal.SIGUSR2)
+        wait_all_finished(out, timeout_s=SWEEP_TIMEOUT_S)
+    finally:
+        run_cli("cancel", sweep_file, timeout_s=60)
+    (payload,) = _assert_one_done_result_per_cell(out, world_size=PROCESSES).values()
+    assert payload["start_epoch"] >= 3 and len(payload["epoch_losses"]) == PREEMPT_EPOCHS
+    assert payload["attempt"] == 2 and payload["slurm"]["restart_count"] == "1"  # requeued by rank 0
+    (rank1_log,) = _rank_logs(out, 1)
+    rank1 = rank1_log.read_text()
+    # rank 1 got no signal, yet left the first run through the agreed stop, not a broken all-reduce
+    assert "1 cells (preempted 1)" in rank1 and "1 cells (done 1)" in rank1, rank1[-3000:]
+    assert "Traceback" not in rank1, rank1[-3000:]
+    worst = _assert_same_predictions(out, reference)
+    print(f"\n[multiprocess] USR2 to rank 0: resumed at epoch {payload['start_epoch']}; largest probability gap {worst:.1e}")
