@@ -1,32 +1,53 @@
-"""Orchestration cost at scale: `submit --dry-run` and one `status` refresh on a ~10,000-cell sweep.
+"""Orchestration cost at scale: `submit --dry-run`, `status` and `collect` on a ~10,000-cell sweep.
 
 The sweep is the paper's full grid (CASME II 26 + SAMM 32 + 4DME 41 subjects, 3 LLMs,
 5 variants, cross-domain, no-LLM baseline) over 10 seeds, on synthetic sheets (frames
-are not decoded by either command) with three tiny model folders standing in for the
-1.5B checkpoints. For `status`, the sweep directory gets a manifest, a submission
-record of 1,324 array tasks in 2 arrays and a result file for every other cell.
+are not decoded by any of the commands) with three tiny model folders standing in for
+the 1.5B checkpoints. The sweep directory then gets what a real submission leaves: the
+manifest, a submission record of 1,326 array tasks in 2 arrays, and result files shaped
+like jobs/run_cells.py's (test-set probabilities and labels at the real datasets' fold
+sizes, 350 epoch losses, timing). Two states are timed:
 
-Prints wall time of each command (as a fresh process, like a user types it) and the
-number of scheduler calls each made (counted inside the process by
-orchestrator.scheduler). Run with the dev cluster up (`slurm/dev/up.sh`) so the
-scheduler calls are real; without Slurm, `status` reports the scheduler unreachable.
+    half done   every other cell has a result, the rest pending: `status`
+    all done    every cell has a result: `status`, `collect --no-mlflow`, `collect`
 
-    .venv/bin/python bench/bench_grid.py
+Each command runs as a fresh process, as a user types it, several times (the median and
+the fastest are printed; the first `status` of a state is shown apart: it reads every
+result file that its index does not know yet). Scheduler calls are counted inside the
+process by orchestrator.scheduler. Run with the dev cluster up (`slurm/dev/up.sh`) so the
+calls are real; without Slurm, `status` reports the scheduler unreachable.
+
+Bytecode: commands run with a bytecode cache (PYTHONPYCACHEPREFIX in the work folder,
+warmed first), as an installed package runs; a checkout with PYTHONDONTWRITEBYTECODE=1
+recompiles the project's modules on every call (~0.1 s more per command).
+
+    .venv/bin/python bench/bench_grid.py [--repeat 5] [--baseline DIR]
+
+--baseline DIR runs the same commands from another checkout of the project (e.g.
+`git archive <rev> | tar -x -C DIR`) on the same sweep directory and prints the ratios.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+import zlib
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = list(range(1, 11))
+# Test clips per LOSO fold, about the real datasets' (CASME II 255 clips / 26 subjects, ...)
+CLIPS_PER_FOLD = {"casme2": 10, "samm": 5, "4dme": 7}
+EPOCHS = 350
 
 
 def build(work: Path) -> Path:
@@ -51,15 +72,6 @@ def build(work: Path) -> Path:
     return sweep
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    wall = time.perf_counter() - t0
-    if proc.returncode not in (0, 1):
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
-    return wall, proc.stdout
-
-
 COUNTING = textwrap.dedent(
     """
     import sys, atexit, orchestrator.scheduler as s
@@ -76,60 +88,173 @@ COUNTING = textwrap.dedent(
 )
 
 
-def run_counted(args: list[str], env: dict[str, str]) -> tuple[float, list[str], str]:
+def run_counted(args: list[str], env: dict[str, str], cwd: Path) -> tuple[float, list[str], str]:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", COUNTING, *args], capture_output=True, text=True, env=env, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", COUNTING, *args], capture_output=True, text=True, env=env, cwd=cwd)
     wall = time.perf_counter() - t0
-    calls = []
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
+    calls: list[str] = []
     for line in proc.stderr.splitlines():
         if line.startswith("SCHEDULER_CALLS="):
             calls = [c for c in line.split("=", 1)[1].split(",") if c]
     return wall, calls, proc.stdout
 
 
-def fake_submission(sweep_file: Path, env: dict[str, str]) -> Path:
-    """Manifest, one submission record and results for half the cells, as after a real submit."""
-    sys.path.insert(0, str(REPO))
+def fold_subjects(cells: list[Any]) -> dict[str, list[str]]:
+    subjects: dict[str, list[str]] = {}
+    for c in cells:
+        if c.kind == "loso" and c.fold not in subjects.setdefault(c.dataset, []):
+            subjects[c.dataset].append(c.fold)
+    return subjects
+
+
+def result_payload(cell: Any, subjects: dict[str, list[str]], now: float) -> dict[str, Any]:
+    """A result as jobs/run_cells.py writes it, with made-up but well-formed predictions."""
+    import numpy as np
+
+    from aullm.constants import CROSS_DOMAIN_AUS, DATASET_AUS
+
+    rng = np.random.default_rng(zlib.crc32(cell.cell_id.encode()))
+    if cell.kind == "loso":
+        aus, tested = DATASET_AUS[cell.dataset], [cell.fold]
+    else:
+        aus, tested = CROSS_DOMAIN_AUS, subjects[cell.test_dataset]
+    keys = [f"{cell.test_dataset}/{s}/clip{j}" for s in tested for j in range(CLIPS_PER_FOLD[cell.test_dataset])]
+    n = len(keys)
+    cell_s = float(rng.uniform(20, 60))
+    return {
+        "cell_id": cell.cell_id,
+        "status": "done",
+        "predictions": {
+            "sample_keys": keys,
+            "subjects": [k.split("/")[1] for k in keys],
+            "aus": list(aus),
+            "probs": np.round(rng.uniform(0, 1, (n, len(aus))), 7).tolist(),
+            "labels": (rng.uniform(0, 1, (n, len(aus))) < 0.2).astype(int).tolist(),
+        },
+        "epoch_losses": np.round(np.linspace(1.0, 0.1, EPOCHS), 6).tolist(),
+        "timing": {"cell_seconds": cell_s, "train_step_seconds": 0.8 * cell_s, "steps": EPOCHS,
+                   "predict_seconds": 0.2, "llm_load_seconds": 12.0},
+        "start_epoch": 0,
+        "attempt": 1,
+        "host": "gpu-node-01",
+        "slurm": {"job_id": "1", "array_job_id": "900001", "array_task_id": "0"},
+        "started_at": now - cell_s - 1,
+        "finished_at": now,
+    }
+
+
+def fake_submission(sweep_file: Path, *, which: str) -> tuple[Path, int]:
+    """Manifest, one submission record and results, as after a real submit.
+
+    which='half': results for every other cell (first call); 'rest': for the others."""
     from orchestrator.cells import pack
     from orchestrator.cli import prepare
     from orchestrator.ledger import SweepDir
 
     spec, _subjects, cells = prepare(str(sweep_file))
     sweep = SweepDir(spec.output_dir)
-    sweep.write_manifest(spec, cells)
-    tasks = pack(cells, spec.resources.cells_per_task)
-    half = len(tasks) // 2
-    for array_id, chunk in (("900001", tasks[:half]), ("900002", tasks[half:])):
-        sweep.record_submission({"executor": "slurm", "array_job_id": array_id,
-                                 "tasks": {str(i): [c.cell_id for c in t] for i, t in enumerate(chunk)},
-                                 "submitted_at": time.time()})
+    if which == "half":
+        sweep.write_manifest(spec, cells)
+        tasks = pack(cells, spec.resources.cells_per_task)
+        half = len(tasks) // 2
+        for array_id, chunk in (("900001", tasks[:half]), ("900002", tasks[half:])):
+            sweep.record_submission({"executor": "slurm", "array_job_id": array_id,
+                                     "tasks": {str(i): [c.cell_id for c in t] for i, t in enumerate(chunk)},
+                                     "submitted_at": time.time()})
+    subjects = fold_subjects(cells)
+    now = time.time()
+    written = 0
     for i, cell in enumerate(cells):
-        if i % 2 == 0:
-            sweep.write_result(cell.cell_id, {"cell_id": cell.cell_id, "status": "done", "finished_at": time.time(),
-                                              "predictions": {"probs": [[0.5] * 8] * 10, "labels": [[0] * 8] * 10}})
-    return sweep.path
+        if (i % 2 == 0) == (which == "half"):
+            sweep.write_result(cell.cell_id, result_payload(cell, subjects, now))
+            written += 1
+    return sweep.path, written
+
+
+def timed_runs(label: str, args: list[str], envs: dict[str, tuple[dict[str, str], Path]], repeat: int,
+               first_apart: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Run one command `repeat` times for each code version (interleaved); print the figures."""
+    walls: dict[str, list[float]] = {name: [] for name in envs}
+    firsts: dict[str, float] = {}
+    calls_seen: dict[str, list[str]] = {}
+    out_seen: dict[str, str] = {}
+    for round_ in range(repeat + (1 if first_apart else 0)):
+        for name, (env, cwd) in envs.items():
+            wall, calls, out = run_counted(args, env, cwd)
+            if first_apart and round_ == 0:
+                firsts[name] = wall
+            else:
+                walls[name].append(wall)
+            calls_seen[name], out_seen[name] = calls, out
+    for name in envs:
+        w = walls[name]
+        first = f"first {firsts[name]:.2f} s, then " if name in firsts else ""
+        print(f"  {label} [{name}]: {first}median {statistics.median(w):.2f} s (fastest {min(w):.2f}, "
+              f"{len(w)} runs); {len(calls_seen[name])} scheduler calls ({', '.join(calls_seen[name]) or 'none'})")
+    if "baseline" in envs:
+        ratio = statistics.median(walls["baseline"]) / statistics.median(walls["this"])
+        print(f"  {label}: baseline / this = {ratio:.1f}x")
+    return {"median": statistics.median(walls["this"]), "out": out_seen["this"], "calls": calls_seen["this"]}
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs of each command (default 5)")
+    parser.add_argument("--baseline", type=Path, help="a checkout of another revision to time side by side")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = parser.parse_args()
+
     work = Path(tempfile.mkdtemp(prefix="bench-grid-"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "AULLM_DATA": str(work / "data"), "AULLM_MODELS": str(work / "models")}
-    os.environ.update(env)
+    base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "AULLM_DATA": str(work / "data"),
+                "AULLM_MODELS": str(work / "models"), "PYTHONPYCACHEPREFIX": str(work / "pycache")}  # fmt: skip
+    base_env.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ.update({k: base_env[k] for k in ("HF_HUB_OFFLINE", "AULLM_DATA", "AULLM_MODELS")})
+    envs: dict[str, tuple[dict[str, str], Path]] = {"this": ({**base_env, "PYTHONPATH": str(REPO)}, REPO)}
+    if args.baseline:
+        envs["baseline"] = ({**base_env, "PYTHONPATH": str(args.baseline.resolve())}, args.baseline.resolve())
     t0 = time.perf_counter()
     sweep_file = build(work)
-    print(f"built synthetic sheets and model folders in {time.perf_counter() - t0:.1f} s ({work})")
+    warm = "import orchestrator.cli, orchestrator.status, orchestrator.spec, orchestrator.submit, orchestrator.collect"
+    for env, cwd in envs.values():  # compile every module once into the bytecode cache
+        subprocess.run([sys.executable, "-c", warm + ", orchestrator.tables, orchestrator.summary_runs"],
+                       env=env, cwd=cwd, check=True)  # fmt: skip
+    load = os.getloadavg()
+    print(f"built synthetic sheets and model folders in {time.perf_counter() - t0:.1f} s ({work}); "
+          f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
-    wall, calls, out = run_counted(["submit", str(sweep_file), "--dry-run", "--json"], env)
-    plan = json.loads(out)
-    print(f"submit --dry-run: {plan['cells']} cells, {plan['tasks']} tasks in {len(plan['arrays'])} arrays: "
-          f"{wall:.2f} s wall, {len(calls)} scheduler calls ({', '.join(calls) or 'none'})")
+    dry = timed_runs("submit --dry-run", ["submit", str(sweep_file), "--dry-run", "--json"], envs, args.repeat)
+    plan = json.loads(dry["out"])
+    print(f"  ({plan['cells']} cells, {plan['tasks']} tasks in {len(plan['arrays'])} arrays)")
 
     t0 = time.perf_counter()
-    fake_submission(sweep_file, env)
-    print(f"(wrote manifest + {plan['cells'] // 2 + plan['cells'] % 2} result files in {time.perf_counter() - t0:.1f} s)")
-    wall, calls, out = run_counted(["status", str(sweep_file), "--json"], env)
-    summary = json.loads(out) if out.strip().startswith("{") else {}
-    print(f"status --json: {summary.get('cells', '?')} cells, counts {summary.get('counts', {})}: "
-          f"{wall:.2f} s wall, {len(calls)} scheduler calls ({', '.join(calls) or 'none'})")
+    sweep_dir, written = fake_submission(sweep_file, which="half")
+    size = sum(p.stat().st_size for p in (sweep_dir / "results").iterdir()) / written / 1e3
+    print(f"half done: manifest, 2 arrays and {written} result files ({size:.0f} kB each) written in "
+          f"{time.perf_counter() - t0:.1f} s")
+    st = timed_runs("status --json", ["status", str(sweep_file), "--json"], envs, args.repeat, first_apart=True)
+    summary = json.loads(st["out"])
+    print(f"  ({summary['cells']} cells, counts {({k: v for k, v in summary['counts'].items() if v})})")
+    timed_runs("status (text)", ["status", str(sweep_file)], envs, args.repeat)
+
+    t0 = time.perf_counter()
+    _, written = fake_submission(sweep_file, which="rest")
+    print(f"all done: {written} more result files written in {time.perf_counter() - t0:.1f} s")
+    st = timed_runs("status --json", ["status", str(sweep_file), "--json"], envs, args.repeat, first_apart=True)
+    summary = json.loads(st["out"])
+    print(f"  ({summary['cells']} cells, counts {({k: v for k, v in summary['counts'].items() if v})}); "
+          f"this version's {summary.get('cost', {}).get('spent_hours', '?')} {summary.get('cost', {}).get('unit', '')} spent")
+    collect_repeat = max(1, min(args.repeat, 3))
+    timed_runs("collect --no-mlflow", ["collect", str(sweep_file), "--no-mlflow"], envs, collect_repeat)
+    # MLflow summary runs: the first collect creates one parent run per group, later ones
+    # update them; timed for this version only (a baseline run would find them made).
+    timed_runs("collect (MLflow summary runs)", ["collect", str(sweep_file)], {"this": envs["this"]},
+               collect_repeat, first_apart=True)  # fmt: skip
+    load = os.getloadavg()
+    print(f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ arrays no larger than the cluster's MaxArraySize.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,13 +28,18 @@ if TYPE_CHECKING:  # the spec module loads pydantic; readers of a manifest need 
 NO_LLM = "none"  # the LLM part of the id (and group) of a cell without an LLM
 ID_SEPARATOR = "__"
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
+_DIGIT_RUNS = re.compile(r"(\d+)")
+# Variant order of the paper's tables, by name (a dict: sorting 10,000 cells asks 10,000 times).
+_VARIANT_RANK = {v: i for i, v in enumerate(VARIANTS)}
 
 T = TypeVar("T")
 
 
+@functools.lru_cache(maxsize=8192)
 def natural_key(text: str) -> tuple[Any, ...]:
-    """'sub2' < 'sub10': digit runs compare as numbers."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+    """'sub2' < 'sub10': digit runs compare as numbers. Cached: a grid repeats each fold
+    name for every LLM, variant and seed."""
+    return tuple(int(part) if part.isdigit() else part for part in _DIGIT_RUNS.split(text))
 
 
 def _safe(text: str) -> str:
@@ -138,7 +144,7 @@ def _sort_key(cell: Cell) -> tuple[Any, ...]:
         cell.kind != "loso",
         cell.train_dataset,
         cell.test_dataset,
-        VARIANTS.index(cell.variant) if cell.variant in VARIANTS else len(VARIANTS),
+        _VARIANT_RANK.get(cell.variant, len(VARIANTS)),
         cell.variant,
         cell.seed,
         natural_key(cell.fold or ""),

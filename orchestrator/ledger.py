@@ -8,10 +8,18 @@
     <out>/running/<cell_id>.json marker: a task is training this cell now
     <out>/logs/                  scheduler output
     <out>/lock                   held by `submit` / `retry` while they change the record
+    <out>/index/                 derived, rebuildable caches that let `status` skip parsing:
+                                 cells.json (cell ids and groups of the manifest), results.json
+                                 (each result file's summary, keyed by its stat), sweep-files.json
+                                 (sweep files `status` already validated)
 
 Every file is written atomically (temp file in the same folder, fsync, os.replace), so
 a reader sees the old or the new version, never half of one, and a killed writer
 leaves no partial file behind. Nothing here imports torch, mlflow or submitit.
+
+The index files are never the truth: each one carries the stat (size, mtime, inode) of
+what it summarises and is ignored when that no longer matches, so a stale, missing or
+unwritable index costs speed, never correctness.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,11 +47,17 @@ if TYPE_CHECKING:
 MANIFEST_FORMAT = 1
 RESULT_STATUSES = ("done", "failed")
 # Result files are written with their small top-level fields first, one per line
-# (`indent=1`), so status/error/finished_at can be read from the first bytes without
-# parsing the predictions: `status` reads a thousand results in a blink.
-_SUMMARY_FIRST = ("cell_id", "status", "error", "finished_at", "started_at", "attempt", "host")
+# (`indent=1`), so status/error/finished_at/timing can be read from the first bytes
+# without parsing the predictions: `status` reads a thousand results in a blink.
+_SUMMARY_FIRST = ("cell_id", "status", "error", "finished_at", "started_at", "attempt", "host", "timing")
 _HEAD_BYTES = 16384
 _HEAD_LINE = re.compile(r'^ "[^"]+": ("(?:[^"\\]|\\.)*"|-?[0-9][0-9.eE+-]*|true|false|null|NaN|-?Infinity),?$')
+_HEAD_KEY = re.compile(r'^ "([^"]+)": ')
+# What `result_summaries` reports per cell (and the results index keeps): enough for
+# status (state, error, retry order) and the cost report (measured cell time).
+SUMMARY_FIELDS = ("status", "error", "finished_at", "started_at", "attempt", "cell_seconds")
+
+INDEX_FORMAT = 1
 
 # One FileLock per lock file in this process: filelock is re-entrant per instance,
 # so every SweepDir of the same folder shares it (submit holds the lock while
@@ -102,6 +116,50 @@ def _check_cell_id(cell_id: str) -> str:
     return cell_id
 
 
+def write_cache_json(path: Path, payload: Any) -> None:
+    """Replace a derived cache file atomically, best effort, without fsync.
+
+    A cache need not survive a crash (readers check it against what it summarises), and
+    must never fail the command that refreshes it: an unwritable sweep directory (another
+    user's sweep, a read-only mount) only costs the next call the same work again.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, separators=(",", ":"))
+        os.replace(tmp, path)
+    except (OSError, TypeError, ValueError):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    """What changes whenever a file is rewritten (our writes replace it: a new inode)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+@dataclasses.dataclass(frozen=True)
+class CellIndex:
+    """The manifest's cells as `status` needs them: ids and groups, in manifest order."""
+
+    cell_ids: tuple[str, ...]
+    groups: tuple[str, ...]  # "dataset/llm/variant", parallel to cell_ids
+    resources: dict[str, Any]  # the spec's `resources` (executor, gres, gpus_per_node, ...)
+
+
+def _cell_index_of(manifest: dict[str, Any]) -> CellIndex:
+    cells = manifest["cells"]
+    return CellIndex(
+        tuple(c["cell_id"] for c in cells),
+        tuple(c.get("group", "") for c in cells),
+        dict((manifest.get("spec") or {}).get("resources") or {}),
+    )
+
+
 class SweepDir:
     """One sweep directory. Constructing it touches nothing on disk."""
 
@@ -109,6 +167,7 @@ class SweepDir:
         self.path = Path(path)
         self._lock: FileLock | None = None
         self._manifest: dict[str, Any] | None = None
+        self._cell_index: tuple[list[int], CellIndex] | None = None  # (manifest stamp, index)
 
     def __repr__(self) -> str:
         return f"SweepDir({str(self.path)!r})"
@@ -186,6 +245,7 @@ class SweepDir:
         self.create()
         atomic_write_json(self.manifest_path, manifest)
         self._manifest = manifest
+        self._write_cell_index(manifest)
         return manifest
 
     def read_manifest(self) -> dict[str, Any]:
@@ -244,6 +304,57 @@ class SweepDir:
         known = {f.name for f in dataclasses.fields(TrackingConfig)}
         return TrackingConfig(**{k: v for k, v in values.items() if k in known and v is not None})
 
+    # ------------------------------------------------------------ index (derived caches)
+
+    @property
+    def index_dir(self) -> Path:
+        return self.path / "index"
+
+    def cell_index(self, *, update_index: bool = False) -> CellIndex:
+        """Cell ids, groups and task resources of the manifest, without parsing the manifest.
+
+        Read from index/cells.json when it was written for the manifest as it is now (same
+        size, mtime and inode); otherwise built from the manifest, and with `update_index`
+        stored for next time (`write_manifest` stores it too). A 10,000-cell manifest takes
+        ~0.1 s to parse; the index ~0.01 s.
+        """
+        try:
+            stamp = _stamp(self.manifest_path.stat())
+        except FileNotFoundError:
+            self.read_manifest()  # raises the usual "not a sweep directory" error
+            raise
+        if self._cell_index is not None and self._cell_index[0] == stamp:
+            return self._cell_index[1]
+        index: CellIndex | None = None
+        try:
+            data = json.loads((self.index_dir / "cells.json").read_text(encoding="utf-8"))
+            if data.get("format") == INDEX_FORMAT and data.get("manifest") == stamp:
+                ids, groups = data["cell_ids"], data["groups"]
+                if len(ids) == len(groups):
+                    index = CellIndex(tuple(ids), tuple(groups), dict(data.get("resources") or {}))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # missing, stale or torn: rebuild it from the manifest
+        if index is None:
+            # Stamped before reading: if the manifest is replaced meanwhile, the stored
+            # index carries the older stamp and the next call rebuilds it.
+            index = _cell_index_of(self.read_manifest())
+            if update_index:
+                self._store_cell_index(index, stamp)
+        self._cell_index = (stamp, index)
+        return index
+
+    def _write_cell_index(self, manifest: dict[str, Any]) -> None:
+        try:
+            stamp = _stamp(self.manifest_path.stat())
+        except OSError:
+            return
+        self._store_cell_index(_cell_index_of(manifest), stamp)
+
+    def _store_cell_index(self, index: CellIndex, stamp: list[int]) -> None:
+        payload = {"format": INDEX_FORMAT, "manifest": stamp, "cell_ids": list(index.cell_ids),
+                   "groups": list(index.groups), "resources": index.resources}  # fmt: skip
+        write_cache_json(self.index_dir / "cells.json", payload)
+
     # ------------------------------------------------------------ results
 
     def write_result(self, cell_id: str, payload: dict[str, Any]) -> Path:
@@ -283,24 +394,82 @@ class SweepDir:
         except ValueError as exc:
             raise UserInputError(f"{path}: not a valid result file ({exc})") from None
 
+    def read_result_fields(self, cell_id: str, fields: Collection[str]) -> dict[str, Any]:
+        """The given top-level fields of a result (those it has), for readers of many results.
+
+        A file from `write_result` holds one top-level key per line, so only the wanted
+        lines are parsed: the collector skips the epoch losses and tracebacks, most of a
+        file's bytes. A file written some other way is parsed whole. Errors as `read_result`.
+        """
+        path = os.path.join(self.results_dir, f"{_check_cell_id(cell_id)}.json")  # no Path: 10,000 calls
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except FileNotFoundError:
+            raise UserInputError(f"{path}: no result for cell {cell_id!r}") from None
+        if text.startswith("{\n") and text.endswith("\n}\n"):
+            # JSON escapes the newlines inside strings, so a newline followed by one space
+            # and a quoted key starts a top-level entry, and the entry ends at the next one.
+            picked = []
+            for name in fields:
+                start = text.find(f"\n {json.dumps(name)}: ")
+                if start >= 0:
+                    line = text[start + 1 : text.index("\n", start + 1)]
+                    picked.append(line[:-1] if line.endswith(",") else line)
+            with contextlib.suppress(ValueError):  # an entry spread over lines: parse it all
+                return json.loads("{" + ",".join(picked) + "}")
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise UserInputError(f"{path}: not a valid result file ({exc})") from None
+        if not isinstance(data, dict):
+            raise UserInputError(f"{path}: not a valid result file (not a JSON object)")
+        return {k: v for k, v in data.items() if k in fields}
+
+    def result_ids(self) -> set[str]:
+        """Cell ids that have a result file (whatever is in it): one directory listing."""
+        if not self.results_dir.is_dir():
+            return set()
+        return {n[: -len(".json")] for n in os.listdir(self.results_dir) if n.endswith(".json") and not n.startswith(".")}
+
+    def result_status(self, cell_id: str) -> str | None:
+        """The status a result file's first bytes declare (None: no file, or no status there)."""
+        status = self._summary_of(self.result_path(cell_id)).get("status")
+        return status if isinstance(status, str) else None
+
     @staticmethod
     def _summary_of(path: Path) -> dict[str, Any]:
-        """The top-level scalar fields that lead the file (at least cell_id and status)."""
+        """The top-level fields that lead the file (at least cell_id and status).
+
+        Files from `write_result` start with the small summary fields one per line: they
+        are joined and parsed with one `json.loads`, the predictions are never read.
+        """
         try:
-            with path.open("rb") as handle:
-                head = handle.read(_HEAD_BYTES).decode("utf-8", errors="replace")
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return {}
+        try:
+            head = os.read(fd, _HEAD_BYTES).decode("utf-8", errors="replace")
+        finally:
+            os.close(fd)
         summary: dict[str, Any] = {}
-        lines = head.split("\n")
-        if lines and lines[0] == "{":
-            for line in lines[1:-1]:  # the last line may be cut off by the read limit
-                if not _HEAD_LINE.match(line):
+        if head.startswith("{\n"):
+            lines = head.split("\n")[1:-1]  # the last line may be cut off by the read limit
+            picked = []
+            for line in lines:
+                key = _HEAD_KEY.match(line)
+                if key is None or (key.group(1) not in _SUMMARY_FIRST and not _HEAD_LINE.match(line)):
                     break
-                try:
-                    summary.update(json.loads("{" + line.rstrip(",") + "}"))
-                except ValueError:
-                    break
+                picked.append(line[:-1] if line.endswith(",") else line)
+            try:
+                summary = json.loads("{" + ",".join(picked) + "}")
+            except ValueError:  # an odd line (hand-edited file): take the good ones one by one
+                summary = {}
+                for line in picked:
+                    try:
+                        summary.update(json.loads("{" + line + "}"))
+                    except ValueError:
+                        break
         if "status" in summary:
             return summary
         try:  # written some other way: parse all of it
@@ -309,20 +478,61 @@ class SweepDir:
             return {}
         if not isinstance(data, dict):
             return {}
-        return {k: v for k, v in data.items() if not isinstance(v, (dict, list))}
+        return {k: v for k, v in data.items() if not isinstance(v, (dict, list)) or k == "timing"}
 
-    def result_summaries(self) -> dict[str, dict[str, Any]]:
-        """cell_id -> {status, error?, finished_at?, ...} of every result file, cheaply."""
+    @staticmethod
+    def _compact(summary: dict[str, Any]) -> dict[str, Any]:
+        """The SUMMARY_FIELDS of a file's summary; `cell_seconds` comes from its timing."""
+        out = {k: summary[k] for k in SUMMARY_FIELDS[:-1] if k in summary}
+        timing = summary.get("timing")
+        if isinstance(timing, dict) and isinstance(timing.get("cell_seconds"), (int, float)):
+            out["cell_seconds"] = timing["cell_seconds"]
+        return out
+
+    def result_summaries(self, *, update_index: bool = False) -> dict[str, dict[str, Any]]:
+        """cell_id -> {status, error?, finished_at?, started_at?, attempt?, cell_seconds?} of
+        every result file, cheaply.
+
+        One directory listing and one stat per file; a file is read (its first bytes) only
+        when index/results.json has no summary for it at its current size, mtime and inode.
+        With `update_index` (what `status` asks for) the refreshed index is stored back,
+        best effort: a read-only sweep directory only means every call reads every file.
+        Without it nothing is written (`submit --dry-run` writes nothing).
+        """
         found: dict[str, dict[str, Any]] = {}
         if not self.results_dir.is_dir():
             return found
+        index_path = self.index_dir / "results.json"
+        cached: dict[str, list[Any]] = {}
+        try:
+            data = json.loads(index_path.read_text(encoding="utf-8"))
+            if data.get("format") == INDEX_FORMAT and isinstance(data.get("files"), dict):
+                cached = data["files"]
+        except (OSError, ValueError, AttributeError):
+            pass
+        current: dict[str, list[Any]] = {}
+        changed = False
         for entry in os.scandir(self.results_dir):
             name = entry.name
             if name.startswith(".") or not name.endswith(".json"):
                 continue
-            summary = self._summary_of(Path(entry.path))
+            try:
+                stamp = _stamp(entry.stat())
+            except FileNotFoundError:
+                continue  # removed while we listed it
+            hit = cached.get(name)
+            if isinstance(hit, list) and len(hit) == 2 and hit[0] == stamp and isinstance(hit[1], dict):
+                summary = hit[1]
+            else:
+                # Read after the stat: if the file is replaced in between, the index holds
+                # the newer summary under the older stamp, and the next call re-reads it.
+                summary = self._compact(self._summary_of(Path(entry.path)))
+                changed = True
+            current[name] = [stamp, summary]
             if summary.get("status") in RESULT_STATUSES:
                 found[name[: -len(".json")]] = summary
+        if update_index and (changed or len(current) != len(cached)):
+            write_cache_json(index_path, {"format": INDEX_FORMAT, "files": current})
         return found
 
     def statuses(self) -> dict[str, str]:

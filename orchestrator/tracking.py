@@ -52,6 +52,7 @@ __all__ = [
     "TrackingConfig",
     "TrackingUnavailable",
     "find_runs_by_cell",
+    "preload",
     "prepare_store",
     "reconcile_runs",
     "redact",
@@ -303,6 +304,18 @@ def _client(uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def preload() -> None:
+    """Import mlflow's client now rather than at the first call (3-8 s on a busy node).
+
+    For a caller with idle time before it needs MLflow: `collect` calls it while its plot
+    workers draw. Never raises: the call that needs MLflow reports what is wrong with it."""
+    try:
+        from mlflow import MlflowClient  # noqa: F401
+        from mlflow.entities import Metric, Param, RunTag  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return
 
 
 def _q(value: str) -> str | None:

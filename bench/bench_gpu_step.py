@@ -1,0 +1,253 @@
+"""One AU-LLM training step at the paper's scale: a Qwen2-1.5B-shaped LLM, batch 256.
+
+The LLM is built from a Qwen2-1.5B config with random weights (nothing is downloaded),
+saved like a hub checkpoint and loaded through `load_base_llm`, the path a real 1.5B
+checkpoint takes; LoRA r=16 on q_proj/v_proj, base frozen. The rest is the `all`
+variant (LED, 3D-CNN + SE, EFP, head) on random 6x64x64 clips, trained with fused Adam
+and the paper's ASL, exactly the operations of `aullm/train.py`'s inner loop.
+
+Modes, measured side by side in one process:
+  bf16          autocast bf16, base weights bf16 (what a cell does on a GPU)
+  fp16          autocast fp16, base weights fp16, GradScaler
+  bf16+compile  bf16 with torch.compile on the model
+  bf16+logits   bf16, and the forward also computes vocabulary logits at every position
+                (what an LM-head model does when only its hidden states are wanted)
+
+For each: seconds per step, seconds per 350-step cell (the paper's epochs, one full
+batch each), samples/s, peak GPU memory, and model FLOPs utilisation (FLOPs counted by
+torch.utils.flop_counter over one real step, divided by step time and the GPU's dense
+peak). Targets from issue 6: a cell <= 20 s of training on an H100, MFU >= 35%.
+
+    python bench/bench_gpu_step.py --device cuda                # the real thing
+    python bench/bench_gpu_step.py --device cpu --shape tiny    # smoke test of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PAPER_EPOCHS = 350
+# Dense tensor-core peaks (no sparsity), TFLOP/s, by data type.
+PEAK_TFLOPS = {
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0},
+    "H100": {"bf16": 989.4, "fp16": 989.4},  # SXM / HBM3
+    "H200": {"bf16": 989.4, "fp16": 989.4},
+}
+SHAPES = {
+    # Qwen2-1.5B / Qwen2.5-1.5B / DeepSeek-R1-Distill-Qwen-1.5B share this decoder shape.
+    "qwen2-1.5b": dict(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    ),
+}
+MODES = ("bf16", "fp16", "bf16+compile", "bf16+logits")
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    step_seconds: float
+    cell_train_seconds: float
+    samples_per_second: float
+    peak_memory_gib: float | None
+    tflops_per_step: float
+    achieved_tflops: float
+    mfu: float | None
+    error: str | None = None
+
+
+def write_checkpoint(shape: str, out: Path, device: str) -> Path:
+    """A random-weight checkpoint of `shape` with the tiny tokenizer (its ids are < every vocab)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from aullm.model.tiny import build_tiny_llm
+
+    tiny = build_tiny_llm(out / "tokenizer-source")
+    model_dir = out / shape
+    torch.manual_seed(0)
+    with torch.device(device):  # initialising 1.5B parameters on the GPU takes seconds, on the CPU minutes
+        model = Qwen2ForCausalLM(Qwen2Config(**SHAPES[shape]))
+    model.to(torch.bfloat16).save_pretrained(model_dir)
+    del model
+    for f in tiny.iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            shutil.copy(f, model_dir / f.name)
+    return model_dir
+
+
+def peak_tflops(device: str, dtype: str, override: float | None) -> float | None:
+    if override:
+        return override
+    import torch
+
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    for key in ("H100 PCIe", "H100", "H200"):
+        if key.replace(" ", "").lower() in name.replace(" ", "").lower():
+            return PEAK_TFLOPS[key][dtype]
+    return None
+
+
+def run_mode(mode: str, model_dir: Path, args: argparse.Namespace) -> ModeResult:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from aullm.loss import AsymmetricLoss
+    from aullm.model.au_llm import AULLM
+    from aullm.model.llm import LoraSettings, load_base_llm
+
+    device = torch.device(args.device)
+    half = torch.float16 if mode.startswith("fp16") else torch.bfloat16
+    use_autocast = args.device == "cuda" or mode.startswith("bf16")
+    llm = load_base_llm(model_dir, dtype=half, lora=LoraSettings(), device=device)
+    model = AULLM("all", 8, llm, dropout=0.3, token_position="prepend").to(device)
+    params = model.trainable_parameters()
+    optimizer = torch.optim.Adam(params, lr=3e-5, weight_decay=0.005, fused=True)
+    scaler = torch.amp.GradScaler(args.device) if mode.startswith("fp16") else None
+    loss_fn = AsymmetricLoss()
+    forward = torch.compile(model) if "compile" in mode else model
+
+    generator = torch.Generator().manual_seed(0)
+    clips = (torch.rand(args.batch, 6, 64, 64, generator=generator) * 255).to(device)
+    labels = (torch.rand(args.batch, 8, generator=generator) < 0.2).float().to(device)
+
+    kept_logits: list[torch.Tensor] = []
+    if "logits" in mode:
+        # What an LM-head model (AutoModelForCausalLM) adds to the same forward: the tied
+        # lm_head at every position, kept alive for the step as a ModelOutput would be.
+        def last_hidden_with_logits(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None):
+            hidden = llm.model(inputs_embeds=inputs_embeds.to(llm.dtype), use_cache=False).last_hidden_state
+            kept_logits.append(torch.nn.functional.linear(hidden, llm.input_embeddings.weight))
+            return hidden[:, -1]
+
+        llm.last_hidden = last_hidden_with_logits  # type: ignore[method-assign]
+
+    def step() -> None:
+        model.train()
+        with torch.autocast(device.type, dtype=half, enabled=use_autocast):
+            logits = forward(clips)
+            loss = loss_fn(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        kept_logits.clear()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    seconds = (time.perf_counter() - t0) / args.steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if "compile" in mode:  # the counter sees through eager ops only: count the same step uncompiled
+            forward, saved = model, forward
+            step()
+            forward = saved
+        else:
+            step()
+    flops = counter.get_total_flops()
+    achieved = flops / seconds / 1e12
+    peak_tf = peak_tflops(args.device, "fp16" if mode.startswith("fp16") else "bf16", args.peak_tflops)
+    del model, llm, optimizer, forward
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return ModeResult(
+        mode=mode,
+        step_seconds=seconds,
+        cell_train_seconds=seconds * PAPER_EPOCHS,
+        samples_per_second=args.batch / seconds,
+        peak_memory_gib=peak,
+        tflops_per_step=flops / 1e12,
+        achieved_tflops=achieved,
+        mfu=achieved / peak_tf if peak_tf else None,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--shape", default="qwen2-1.5b", choices=tuple(SHAPES))
+    parser.add_argument("--batch", type=int, default=256, help="clips per step (paper: 256, one full batch)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense peak, if not an H100/H200")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --device cpu --shape tiny for a smoke test")
+    work = Path(tempfile.mkdtemp(prefix="aullm-gpu-bench-"))
+    try:
+        t0 = time.perf_counter()
+        model_dir = write_checkpoint(args.shape, work, args.device)
+        print(f"checkpoint {args.shape} written in {time.perf_counter() - t0:.1f} s", flush=True)
+        results = []
+        for mode in args.modes:
+            try:
+                results.append(run_mode(mode, model_dir, args))
+            except Exception as exc:  # noqa: BLE001 - one failing mode (e.g. compile) must not hide the others
+                results.append(ModeResult(mode, *([float("nan")] * 3), None, *([float("nan")] * 2), None,
+                                          error=f"{type(exc).__name__}: {exc}"[:300]))
+            r = results[-1]
+            print(f"  {mode:14s} done" + (f" ({r.error})" if r.error else ""), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"\n{device_name}, torch {torch.__version__}, shape {args.shape}, batch {args.batch}, "
+          f"{args.steps} timed steps per mode\n")
+    base = next((r for r in results if r.mode == "bf16" and not r.error), None)
+    header = f"{'mode':14s} {'s/step':>8s} {'s/cell(350)':>11s} {'samples/s':>10s} {'peak GiB':>9s} " \
+             f"{'TFLOP/step':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'vs bf16':>8s}"
+    print(header)
+    for r in results:
+        if r.error:
+            print(f"{r.mode:14s} failed: {r.error}")
+            continue
+        mem = f"{r.peak_memory_gib:9.1f}" if r.peak_memory_gib is not None else f"{'-':>9s}"
+        mfu = f"{r.mfu:6.1%}" if r.mfu is not None else f"{'-':>6s}"
+        ratio = f"{r.step_seconds / base.step_seconds:7.2f}x" if base else f"{'-':>8s}"
+        print(f"{r.mode:14s} {r.step_seconds:8.4f} {r.cell_train_seconds:11.1f} {r.samples_per_second:10.0f} "
+              f"{mem} {r.tflops_per_step:10.2f} {r.achieved_tflops:8.1f} {mfu} {ratio}")
+    if args.json:
+        args.json.write_text(json.dumps({"device": device_name, "shape": args.shape, "batch": args.batch,
+                                         "results": [asdict(r) for r in results]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
