@@ -308,6 +308,7 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
                 "slurm": slurm_ids(),
                 "world_size": world_size,
                 "finished_at": time.time(),
+                **_run_record(logger),
             }
             sweep.write_result(cell.cell_id, payload)
             logger.finish("FAILED", None, end_reason=error[:250])
@@ -322,10 +323,20 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
             "world_size": world_size,  # processes that trained the cell together (data parallel)
             "started_at": t0,
             "finished_at": time.time(),
+            **_run_record(logger),
         }
         sweep.write_result(cell.cell_id, payload)
         logger.finish("FINISHED", {"final_train_loss": result.epoch_losses[-1] if result.epoch_losses else float("nan")})
     return outcomes
+
+
+def _run_record(logger: Any) -> dict[str, Any]:
+    """The cell's MLflow run and the group run it was created under, for the result file:
+    the collector attaches the run to its group without looking it up. Nothing when the
+    run could not be opened (MLflow down: the run is spooled and found at collect)."""
+    if logger.run_id is None:
+        return {}
+    return {"mlflow": {"run_id": logger.run_id, "parent_run_id": logger.parent_run_id}}
 
 
 def main(argv: list[str] | None = None) -> int:

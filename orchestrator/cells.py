@@ -104,19 +104,25 @@ class Cell:
             "seed": self.seed,
         }
 
+    def group_tags(self, sweep_name: str) -> dict[str, str]:
+        """MLflow tags that every cell of this cell's group shares (its parent run gets them)."""
+        return {
+            "aullm.sweep": sweep_name,
+            "aullm.protocol": self.kind,
+            "aullm.dataset": self.dataset,
+            "aullm.llm": self.llm or NO_LLM,
+            "aullm.variant": self.variant,
+            "aullm.group": self.group_id,
+        }
+
     def tags(self, sweep_name: str) -> dict[str, str]:
         """MLflow tags that let the UI filter and group runs of one sweep."""
         return {
-            "aullm.sweep": sweep_name,
+            **self.group_tags(sweep_name),
             "aullm.cell_id": self.cell_id,
             "aullm.kind": "cell",
-            "aullm.protocol": self.kind,
-            "aullm.dataset": self.dataset,
             "aullm.fold": self.fold or "",
-            "aullm.llm": self.llm or NO_LLM,
-            "aullm.variant": self.variant,
             "aullm.seed": str(self.seed),
-            "aullm.group": self.group_id,
         }
 
 

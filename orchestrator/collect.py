@@ -579,7 +579,7 @@ def _layouts(manifest: Mapping[str, Any]) -> dict[str, str]:
 
 # What collecting reads of a result file: the rest (350 epoch losses, timing, a failed
 # cell's traceback) is most of its bytes and is never parsed.
-RESULT_FIELDS = ("cell_id", "status", "error", "predictions")
+RESULT_FIELDS = ("cell_id", "status", "error", "predictions", "mlflow")
 
 
 def _read_results(sweep: Any, cell_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -645,7 +645,7 @@ def _tracking(sweep: Any, sweep_dir: Path, groups: Sequence[GroupResult], out_di
             n = reconcile(cfg, sweep_dir, _cell_states(sweep, results))
             if n:
                 notes.append(f"{n} stale runs reconciled")
-        summary = log_group_runs(cfg, sweep_dir, groups, out_dir, tables=tables, sweep_name=title)
+        summary = log_group_runs(cfg, sweep_dir, groups, out_dir, tables=tables, sweep_name=title, results=results)
         notes.append(summary.describe())
     except Exception as exc:  # noqa: BLE001 - never fail a collect because MLflow is down
         notes.append(f"MLflow not updated: {' '.join(str(exc).split())[:300]}")

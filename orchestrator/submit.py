@@ -359,10 +359,13 @@ def submit_sweep(spec: Any, sweep: SweepDir, cells: list[Cell], *, dry_run: bool
         plan = plan_submission(spec, sweep, cells, retry_failed=retry_failed, only=only)
         if not plan.todo:
             return {"dry_run": False, "submitted": 0, **plan.to_json()}
-        from orchestrator.tracking import prepare_store
+        from orchestrator.tracking import ensure_group_runs, prepare_store
 
-        # Create the MLflow store and experiment once, before tasks race to do it.
-        prepare_store(sweep.tracking_config(), sweep.path)
+        # Create the MLflow store, the experiment and each group's parent run once, before
+        # tasks race to do it: every cell run is then created under its group's parent.
+        tracking = sweep.tracking_config()
+        prepare_store(tracking, sweep.path)
+        ensure_group_runs(tracking, sweep.path, {c.group_id: c.group_tags(spec.name) for c in cells})
         sweep.reset_attempts([c.cell_id for c in plan.todo])
         executor = spec.resources.executor
         if executor == "slurm":

@@ -18,6 +18,11 @@ caller decides whether that matters; the job-side `CellRunLogger` never raises f
 Runs of one sweep are found by the tag ``aullm.sweep_uid`` (a random id kept in
 ``<sweep>/mlflow/tracking.json``), not by the sweep's path, so several sweeps can share one
 experiment on a shared server and a sweep directory can be moved or reached via symlinks.
+
+Each group (dataset, LLM, variant) gets its parent run before its cells train
+(`ensure_group_runs`, called by submit; ids kept in tracking.json), so a cell run is
+created under its parent and the job records both ids in the cell's result file: the
+collector then attaches 10,000 cell runs without one MLflow call per run.
 """
 
 from __future__ import annotations
@@ -43,18 +48,28 @@ if TYPE_CHECKING:  # only for annotations; importing mlflow costs seconds
 __all__ = [
     "EMBEDDED_DIR",
     "SPOOL_DIR",
+    "KIND_GROUP",
     "TAG_CELL",
     "TAG_END_REASON",
+    "TAG_GROUP",
+    "TAG_KIND",
+    "TAG_PARENT",
     "TAG_SWEEP_UID",
     "CellRunLogger",
     "RunStatus",
     "TrackedRun",
     "TrackingConfig",
     "TrackingUnavailable",
+    "ensure_group_runs",
+    "find_group_runs",
     "find_runs_by_cell",
+    "group_run_ids",
+    "group_runs_lock",
+    "latest_run_for_cell",
     "preload",
     "prepare_store",
     "reconcile_runs",
+    "remember_group_runs",
     "redact",
     "resolve_uri",
     "sweep_uid",
@@ -71,6 +86,10 @@ TAG_CELL = "cell_id"
 TAG_SWEEP_UID = "aullm.sweep_uid"
 TAG_END_REASON = "aullm.end_reason"
 TAG_ATTEMPT = "aullm.attempt"
+TAG_KIND = "aullm.kind"  # "cell" on cell runs (orchestrator.cells), "group" on their parents
+KIND_GROUP = "group"
+TAG_GROUP = "aullm.group"  # on both: one filter in the UI shows a group's parent and cells
+TAG_PARENT = "mlflow.parentRunId"  # how the MLflow UI nests runs
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 _TERMINAL: frozenset[str] = frozenset({"FINISHED", "FAILED", "KILLED"})
@@ -531,9 +550,10 @@ def _search(
     return runs
 
 
-def _latest_run_for_cell(
+def latest_run_for_cell(
     client: MlflowClient, exp_id: str, sweep_uid: str, cell_id: str
 ) -> Any | None:
+    """The cell's most recently started run in this sweep, or None (one search)."""
     runs = _search(client, exp_id, sweep_uid, cell_id=cell_id)
     return max(runs, key=lambda r: r.info.start_time or 0) if runs else None
 
@@ -567,6 +587,106 @@ def find_runs_by_cell(
         if t.cell_id:
             out[t.cell_id] = t  # later start wins
     return out
+
+
+# --------------------------------------------------------------------------- group (parent) runs
+
+_GROUP_LOCKS: dict[str, Any] = {}
+
+
+def group_runs_lock(sweep_dir: str | os.PathLike[str]) -> Any:
+    """The lock under which a sweep's parent runs are looked up and created.
+
+    Two processes (submit and the Slurm collector, or two collects) would both find no
+    parent and both create one. One re-entrant FileLock per lock file in this process, so
+    `log_group_runs` can hold it around `ensure_group_runs`."""
+    from filelock import FileLock
+
+    d = _embedded_dir(sweep_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = str(d / ".group_runs.lock")
+    if path not in _GROUP_LOCKS:
+        _GROUP_LOCKS[path] = FileLock(path, timeout=600)
+    return _GROUP_LOCKS[path]
+
+
+def _group_filter(uid: str) -> str:
+    return f"tags.`{TAG_SWEEP_UID}` = '{uid}' and tags.`{TAG_KIND}` = '{KIND_GROUP}'"
+
+
+def find_group_runs(client: MlflowClient, experiment_id: str, sweep_uid: str) -> dict[str, list[Any]]:
+    """group id -> this sweep's active parent runs of that group, oldest first."""
+    from mlflow.entities import ViewType
+
+    runs: list[Any] = []
+    token: str | None = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=_group_filter(sweep_uid),
+                                  run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
+                                  order_by=["attributes.start_time ASC"], page_token=token)  # fmt: skip
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    out: dict[str, list[Any]] = {}
+    for r in runs:
+        gid = r.data.tags.get(TAG_GROUP)
+        if gid:
+            out.setdefault(gid, []).append(r)
+    return out
+
+
+def group_run_ids(cfg: TrackingConfig, sweep_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """group id -> its parent run in this store, as tracking.json records it (no MLflow call).
+
+    What a job reads to create its cell run under the parent. A parent deleted in the UI
+    stays recorded until the next collect makes a new one and records that instead."""
+    runs = (_read_state(sweep_dir).get("group_runs") or {}).get(_state_key(cfg, sweep_dir))
+    return {str(g): str(r) for g, r in runs.items()} if isinstance(runs, dict) else {}
+
+
+def remember_group_runs(cfg: TrackingConfig, sweep_dir: str | os.PathLike[str], runs: Mapping[str, str]) -> None:
+    """Record parent run ids in tracking.json (merged with those already there)."""
+    key = _state_key(cfg, sweep_dir)
+    if all(group_run_ids(cfg, sweep_dir).get(g) == r for g, r in runs.items()):
+        return
+    with _lock(sweep_dir):
+        state = _read_state(sweep_dir)
+        recorded = state.setdefault("group_runs", {}).setdefault(key, {})
+        recorded.update(runs)
+        _write_state(sweep_dir, state)
+
+
+def ensure_group_runs(
+    cfg: TrackingConfig, sweep_dir: str | os.PathLike[str], groups: Mapping[str, Mapping[str, str]]
+) -> dict[str, str]:
+    """A parent run for every group in `groups` (group id -> tags for a new parent), made
+    before the group's cells start so that each cell run is born under it; returns
+    group id -> parent run id, also recorded in tracking.json. Groups already recorded
+    cost no MLflow call; the others are looked up (one search) and created if missing.
+    Raises `TrackingUnavailable` when the store cannot be reached."""
+    known = group_run_ids(cfg, sweep_dir)
+    missing = [g for g in groups if g not in known]
+    if not missing:
+        return known
+    try:
+        with _call_env(), group_runs_lock(sweep_dir):
+            exp_id = _experiment_id(cfg, sweep_dir)
+            client = _client(resolve_uri(cfg, sweep_dir))
+            uid = _sweep_uid(sweep_dir)
+            existing = find_group_runs(client, exp_id, uid)
+            made: dict[str, str] = {}
+            for gid in missing:
+                if existing.get(gid):
+                    made[gid] = existing[gid][0].info.run_id
+                    continue
+                tags = {**_stringify(groups[gid], _MAX_TAG_LEN), TAG_KIND: KIND_GROUP, TAG_GROUP: gid,
+                        TAG_SWEEP_UID: uid}  # fmt: skip
+                made[gid] = client.create_run(exp_id, run_name=gid, tags=tags).info.run_id
+            remember_group_runs(cfg, sweep_dir, made)
+    except Exception as exc:
+        raise TrackingUnavailable(f"cannot create the group runs: {_one_line(exc)}") from exc
+    return {**known, **made}
 
 
 def reconcile_runs(
@@ -699,7 +819,7 @@ def _replay(client: MlflowClient, exp_id: str, uid: str, records: list[dict[str,
             if run.info.lifecycle_stage != "active":
                 run = None
     if run is None:
-        run = _latest_run_for_cell(client, exp_id, uid, cell_id)
+        run = latest_run_for_cell(client, exp_id, uid, cell_id)
     if run is None:
         run = client.create_run(
             exp_id, start_time=int(starts[0].get("start_time") or _now_ms()), tags=tags,
@@ -763,6 +883,7 @@ class CellRunLogger:
         self.uri = resolve_uri(cfg, sweep_dir)
         self.cell_id: str | None = cell_id
         self.run_id: str | None = None
+        self.parent_run_id: str | None = None  # the group's parent run this run is created under
         self.offline = False
         self.finished = False
         self._client_obj: MlflowClient | None = None
@@ -803,6 +924,11 @@ class CellRunLogger:
         except Exception as exc:  # read-only or full disk, lock timeout: still train
             self._tags[TAG_SWEEP_UID] = "unknown"
             log.warning("tracking: cannot read sweep id in %s: %s", self.sweep_dir, exc)
+        # Born under its group's parent run (made by submit): the collector then has
+        # nothing to attach. In the tags, so a spooled run is replayed under it too.
+        self.parent_run_id = group_run_ids(self.cfg, self.sweep_dir).get(self._tags.get(TAG_GROUP, ""))
+        if self.parent_run_id:
+            self._tags[TAG_PARENT] = self.parent_run_id
         failed_at = _last_failure.get(self.uri)
         if failed_at is not None and time.monotonic() - failed_at < OFFLINE_RETRY_AFTER_S:
             self._go_offline(None, "start")
@@ -897,7 +1023,7 @@ class CellRunLogger:
         exp_id = _experiment_id(self.cfg, self.sweep_dir)  # first: it may create the store
         client = self._client()
         uid = self._tags[TAG_SWEEP_UID]
-        prior = _latest_run_for_cell(client, exp_id, uid, self.cell_id)
+        prior = latest_run_for_cell(client, exp_id, uid, self.cell_id)
         if prior is not None and prior.info.status != "FINISHED":
             self.run_id = prior.info.run_id
             attempt = int(prior.data.tags.get(TAG_ATTEMPT, "1")) + 1

@@ -55,6 +55,34 @@ def test_supervisor_collected_after_the_last_task(local_run: LocalRun) -> None:
     assert (tables / "summary.json").stat().st_mtime >= newest_result
 
 
+def test_cell_runs_were_born_under_their_group_runs(local_run: LocalRun) -> None:
+    """submit made one MLflow parent run per group before the tasks started; each task
+    created its cell runs under them and recorded both ids in the result, so the
+    supervisor's collect attached all 14 without looking any up."""
+    from mlflow import MlflowClient
+
+    from orchestrator.ledger import SweepDir
+    from orchestrator.tracking import group_run_ids, resolve_uri
+
+    sweep = SweepDir(local_run.out_dir)
+    cfg = sweep.tracking_config()
+    parents = group_run_ids(cfg, sweep.path)
+    assert len(parents) == 6
+    client = MlflowClient(resolve_uri(cfg, sweep.path))
+    exp = client.get_experiment_by_name(cfg.experiment)
+    runs = {r.data.tags["cell_id"]: r for r in client.search_runs([exp.experiment_id], "tags.`aullm.kind` = 'cell'")}
+    index = sweep.cell_index()
+    groups = dict(zip(index.cell_ids, index.groups))
+    for path in result_files(local_run.out_dir):
+        record = json.loads(path.read_text())["mlflow"]
+        run = runs[path.stem]
+        assert record == {"run_id": run.info.run_id, "parent_run_id": parents[groups[path.stem]]}
+        assert run.data.tags["mlflow.parentRunId"] == parents[groups[path.stem]]
+    log = "".join(p.read_text() for p in (local_run.out_dir / "logs").glob("*.supervisor.log"))
+    assert f"MLflow: 6 group runs (0 new), {EXPECTED_CELLS} cell runs attached" in log, log[-2000:]
+    assert "looked up" not in log
+
+
 def test_job_folder_is_private(local_run: LocalRun) -> None:
     # job folders hold pickled callables (code): only the owner may read them
     jobs = local_run.out_dir / "jobs"

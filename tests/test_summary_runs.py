@@ -103,6 +103,8 @@ def test_parent_runs_on_a_real_server_are_updated_not_duplicated(tmp_path: Path)
 
         report = collect_sweep(sweep.path)
         assert "MLflow: 6 group runs (6 new)" in report.tracking, report.tracking
+        # no submit made the parents and no job recorded its run: every finished cell is looked up
+        assert f"{n_cell_runs} cell runs attached ({n_cell_runs} looked up in MLflow)" in report.tracking
         client = MlflowClient(server.uri)
         runs1 = _runs(client, "collect-test")
         assert len(runs1) == len(GROUPS) + n_cell_runs
@@ -168,3 +170,47 @@ def test_embedded_store_gets_the_same_tree(tmp_path: Path) -> None:
     by_group = _check_tree(runs)
     files = {os.path.basename(f.path) for f in client.list_artifacts(by_group["samm/none/no_llm"].info.run_id, "results")}
     assert {"group.json", "tables.md", "groups.csv"} <= files
+
+
+@pytest.mark.slow
+def test_cell_runs_born_under_their_group_run_need_no_lookup(tmp_path: Path) -> None:
+    """As after `submit`: parents exist before the cells train, each cell run is created
+    under its group's parent and its result records both ids (jobs/run_cells.py), so
+    collect attaches every cell without looking one up. A parent deleted in the UI is made
+    again and its cells, whose results name the old one, are looked up and moved under it."""
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking import ensure_group_runs, group_run_ids, resolve_uri
+
+    cells, results = hand_grid()
+    sweep = _sweep(tmp_path / "sweep", cells, {}, None)
+    cfg = TrackingConfig(uri=None, experiment="collect-test")
+    parents = ensure_group_runs(cfg, sweep.path, {c.group_id: c.group_tags("hand") for c in cells})
+    assert sorted(parents) == sorted(GROUPS) and group_run_ids(cfg, sweep.path) == parents
+    assert ensure_group_runs(cfg, sweep.path, {c.group_id: {} for c in cells}) == parents  # recorded: no new run
+    for cell in cells:
+        if cell.cell_id not in results:
+            continue
+        logger = CellRunLogger(cfg, sweep.path)
+        logger.start(cell.cell_id, params=cell.params(), tags=cell.tags("hand"))
+        assert logger.parent_run_id == parents[cell.group_id]
+        logger.finish("FINISHED" if results[cell.cell_id]["status"] == "done" else "FAILED")
+        sweep.write_result(cell.cell_id, {**results[cell.cell_id],
+                                          "mlflow": {"run_id": logger.run_id, "parent_run_id": logger.parent_run_id}})
+    client = MlflowClient(resolve_uri(cfg, sweep.path))
+    _check_tree(_runs(client, "collect-test"))  # already a tree before any collect
+
+    report = collect_sweep(sweep.path, plots=False)
+    assert f"MLflow: 6 group runs (0 new), {len(results)} cell runs attached;" in report.tracking + ";", report.tracking
+    assert "looked up" not in report.tracking
+    by_group = _check_tree(_runs(client, "collect-test"))
+    assert {g: r.info.run_id for g, r in by_group.items()} == parents
+
+    gone = "samm/none/no_llm"
+    client.delete_run(parents[gone])
+    report = collect_sweep(sweep.path, plots=False)
+    n_gone = sum(1 for c in cells if c.group_id == gone and c.cell_id in results)
+    assert "(1 new)" in report.tracking and f"({n_gone} looked up in MLflow)" in report.tracking, report.tracking
+    by_group = _check_tree(_runs(client, "collect-test"))
+    assert by_group[gone].info.run_id != parents[gone]
+    assert group_run_ids(cfg, sweep.path)[gone] == by_group[gone].info.run_id  # later cells are born under it
