@@ -72,3 +72,16 @@ def available_profiles(sweep_file: Path | None = None) -> list[str]:
                 if path.suffix in _SUFFIXES and path.is_file():
                     names.add(path.stem)
     return sorted(names)
+
+
+def gres_gpu_count(gres: str | None) -> int | None:
+    """GPUs a Slurm gres string asks for (gpu, gpu:4, gpu:h100, gpu:h100:4: a trailing
+    number is the count, otherwise one; entries of other kinds are ignored), or None when
+    it names no GPU. Light on purpose: `status` uses it without loading the sweep schema."""
+    total = None
+    for entry in (gres or "").split(","):
+        parts = entry.strip().split(":")
+        if parts[0] != "gpu":
+            continue
+        total = (total or 0) + (int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1)
+    return total

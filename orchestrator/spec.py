@@ -479,16 +479,7 @@ class ResourcesSpec(_Strict):
         """GPUs one array task asks for (`gpus_per_node`, else the count of a `gpu` gres), or None."""
         if self.gpus_per_node is not None:
             return self.gpus_per_node
-        if not self.gres:
-            return None
-        total = None
-        for entry in self.gres.split(","):
-            parts = entry.split(":")
-            if parts[0] != "gpu":
-                continue
-            # gpu, gpu:4, gpu:h100, gpu:h100:4: a trailing number is the count, otherwise one
-            total = (total or 0) + (int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1)
-        return total
+        return profiles.gres_gpu_count(self.gres)
 
     @property
     def mem_gb(self) -> float | None:

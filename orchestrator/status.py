@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.ledger import SweepDir, write_cache_json
+from orchestrator.profiles import gres_gpu_count
 from orchestrator.scheduler import SchedulerError, TaskState
 
 # sacct lags a fresh submission (about a second on an idle controller, longer on a busy
@@ -196,12 +197,7 @@ def devices_per_task(resources: Mapping[str, Any]) -> tuple[int, str]:
     (gpu:h100:2 -> 2), else the task's CPU cores, `cpus_per_task` for each of its
     `processes_per_task` (the local executor, the dev cluster). A task's processes train
     the same cell together (data parallel), so a cell's wall time holds all of them."""
-    gpus = resources.get("gpus_per_node") or 0
-    if not gpus:
-        for item in str(resources.get("gres") or "").split(","):
-            parts = item.strip().split(":")
-            if parts[0] == "gpu":
-                gpus += int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
+    gpus = resources.get("gpus_per_node") or gres_gpu_count(resources.get("gres"))
     if gpus:
         return int(gpus), _GPU
     return int(resources.get("cpus_per_task") or 1) * int(resources.get("processes_per_task") or 1), _CPU
