@@ -14,6 +14,7 @@ another gives the same predictions as one trained in a fresh process.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import random
@@ -182,6 +183,19 @@ def _deepspeed_plugin(config: TrainConfig, *, bf16: bool):
     return DeepSpeedPlugin(hf_ds_config=ds)
 
 
+def _freeze_what_outlives_cells() -> None:
+    """Collect what earlier cells left in reference cycles, then exempt every surviving
+    object (the base LLM, the imported modules, the data stores) from later collections.
+
+    Accelerate's `free_memory`, which each cell calls once done, runs a full `gc.collect`;
+    over the heap of torch, transformers and mlflow that cost 0.4 s a cell on the CPU, a
+    tenth of a packed 3-epoch cell. After a freeze it scans only the cell's own objects.
+    Called when no cell is running (a frozen object in a cycle is never collected, so the
+    cell's model must not be frozen); freezing twice only adds the new survivors."""
+    gc.collect()
+    gc.freeze()
+
+
 class CellTrainer:
     """Owns what a process keeps across cells: the accelerator and the loaded base LLM."""
 
@@ -260,6 +274,7 @@ class CellTrainer:
             raise UserInputError(f"fold '{split.name}' has no {'training' if not split.train else 'test'} samples")
 
         t_start = time.perf_counter()
+        _freeze_what_outlives_cells()
         seed_everything(seed)
         if needs_llm:
             self.llm.reset_adapters(seed)

@@ -105,7 +105,7 @@ def build_sweep(work: Path, name: str, *, subjects: int, epochs: int) -> tuple[P
     from orchestrator.cli import prepare
     from orchestrator.ledger import SweepDir
     from orchestrator.submit import preflight_datasets
-    from orchestrator.tracking import prepare_store
+    from orchestrator.tracking import ensure_group_runs, prepare_store
 
     sweep_file = work / f"{name}.yaml"
     sweep_file.write_text(yaml.safe_dump({
@@ -124,7 +124,9 @@ def build_sweep(work: Path, name: str, *, subjects: int, epochs: int) -> tuple[P
     preflight_datasets(spec, cells)  # warm frame cache, as submit leaves it
     sweep = SweepDir(spec.output_dir)
     sweep.write_manifest(spec, cells)
-    prepare_store(sweep.tracking_config(), sweep.path)  # submit creates the MLflow store once
+    # submit creates the MLflow store and the groups' parent runs once
+    prepare_store(sweep.tracking_config(), sweep.path)
+    ensure_group_runs(sweep.tracking_config(), sweep.path, {c.group_id: c.group_tags(name) for c in cells})
     return sweep.path, [c.cell_id for c in cells]
 
 

@@ -168,6 +168,35 @@ def test_no_llm_variant_trains_without_an_llm(casme2_store):
     assert ((result.probs >= 0) & (result.probs <= 1)).all()
 
 
+def test_a_packed_trainer_frees_each_cells_model(casme2_store, tiny_llm, monkeypatch):
+    """Cells packed in one process: once the next cell has run, nothing of the previous
+    cell's model is alive (the trainer exempts long-lived objects from the garbage
+    collector between cells; a cell's own model must never be among them)."""
+    import weakref
+
+    import aullm.model.au_llm as au
+
+    built: list[weakref.ref] = []
+
+    class Recorded(au.AULLM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(weakref.ref(self))
+            # A reference cycle, as Accelerate makes on a GPU (a bf16 forward bound to the
+            # model, stored on it): only the garbage collector can free such a model.
+            self.__dict__["_bound_forward"] = self.forward
+
+    monkeypatch.setattr(au, "AULLM", Recorded)
+    samples, store = casme2_store
+    split = loso_split(samples, loso_subjects(samples)[0], AUS)
+    config = TrainConfig(epochs=1, lr=1e-3)
+    trainer = CellTrainer(tiny_llm, config)
+    for variant in ("all", "no_llm", "f_mid"):
+        trainer.run(split, store, variant, 1, config)
+    assert len(built) == 3
+    assert built[0]() is None and built[1]() is None
+
+
 @pytest.mark.parametrize(
     "values, field",
     [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"token_position": "middle"}, "token_position"),
