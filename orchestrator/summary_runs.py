@@ -212,9 +212,7 @@ def log_group_runs(
                     client.delete_run(extra.info.run_id)
                     report.duplicates_removed += 1
             else:
-                run = client.create_run(exp_id, run_name=gid, tags={
-                    TAG_KIND: KIND_GROUP, TAG_GROUP: gid, tracking.TAG_SWEEP_UID: uid,
-                })  # fmt: skip
+                run = tracking.create_group_run(client, exp_id, uid, gid)
                 report.created += 1
             run_id = run.info.run_id
             report.parents[gid] = run_id

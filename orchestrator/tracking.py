@@ -60,6 +60,7 @@ __all__ = [
     "TrackedRun",
     "TrackingConfig",
     "TrackingUnavailable",
+    "create_group_run",
     "ensure_group_runs",
     "find_group_runs",
     "find_runs_by_cell",
@@ -520,8 +521,9 @@ class TrackedRun:
 
 def _search(
     client: MlflowClient, exp_id: str, sweep_uid: str, *, cell_id: str | None = None,
-    status: str | None = None,
+    status: str | None = None, kind: str | None = None, oldest_first: bool = False,
 ) -> list[Any]:  # fmt: skip
+    """This sweep's active runs (with that cell tag, status, `aullm.kind`), every page."""
     from mlflow.entities import ViewType
 
     clauses = [f"tags.`{TAG_SWEEP_UID}` = '{sweep_uid}'"]
@@ -530,6 +532,8 @@ def _search(
         clauses.append(f"tags.`{TAG_CELL}` = {quoted}")
     if status is not None:
         clauses.append(f"attributes.status = '{status}'")
+    if kind is not None:
+        clauses.append(f"tags.`{TAG_KIND}` = '{kind}'")
     runs: list[Any] = []
     token: str | None = None
     while True:
@@ -538,7 +542,7 @@ def _search(
             filter_string=" and ".join(clauses),
             run_view_type=ViewType.ACTIVE_ONLY,
             max_results=1000,
-            order_by=["attributes.start_time DESC"],
+            order_by=[f"attributes.start_time {'ASC' if oldest_first else 'DESC'}"],
             page_token=token,
         )
         runs.extend(page)
@@ -610,30 +614,22 @@ def group_runs_lock(sweep_dir: str | os.PathLike[str]) -> Any:
     return _GROUP_LOCKS[path]
 
 
-def _group_filter(uid: str) -> str:
-    return f"tags.`{TAG_SWEEP_UID}` = '{uid}' and tags.`{TAG_KIND}` = '{KIND_GROUP}'"
-
-
 def find_group_runs(client: MlflowClient, experiment_id: str, sweep_uid: str) -> dict[str, list[Any]]:
     """group id -> this sweep's active parent runs of that group, oldest first."""
-    from mlflow.entities import ViewType
-
-    runs: list[Any] = []
-    token: str | None = None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=_group_filter(sweep_uid),
-                                  run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
-                                  order_by=["attributes.start_time ASC"], page_token=token)  # fmt: skip
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
     out: dict[str, list[Any]] = {}
-    for r in runs:
+    for r in _search(client, experiment_id, sweep_uid, kind=KIND_GROUP, oldest_first=True):
         gid = r.data.tags.get(TAG_GROUP)
         if gid:
             out.setdefault(gid, []).append(r)
     return out
+
+
+def create_group_run(client: MlflowClient, experiment_id: str, sweep_uid: str, group_id: str,
+                     tags: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
+    """A new parent run for `group_id`, with the tags `find_group_runs` finds it by."""
+    return client.create_run(experiment_id, run_name=group_id, tags={
+        **_stringify(tags or {}, _MAX_TAG_LEN), TAG_KIND: KIND_GROUP, TAG_GROUP: group_id, TAG_SWEEP_UID: sweep_uid,
+    })  # fmt: skip
 
 
 def group_run_ids(cfg: TrackingConfig, sweep_dir: str | os.PathLike[str]) -> dict[str, str]:
@@ -677,12 +673,8 @@ def ensure_group_runs(
             existing = find_group_runs(client, exp_id, uid)
             made: dict[str, str] = {}
             for gid in missing:
-                if existing.get(gid):
-                    made[gid] = existing[gid][0].info.run_id
-                    continue
-                tags = {**_stringify(groups[gid], _MAX_TAG_LEN), TAG_KIND: KIND_GROUP, TAG_GROUP: gid,
-                        TAG_SWEEP_UID: uid}  # fmt: skip
-                made[gid] = client.create_run(exp_id, run_name=gid, tags=tags).info.run_id
+                runs = existing.get(gid) or [create_group_run(client, exp_id, uid, gid, groups[gid])]
+                made[gid] = runs[0].info.run_id
             remember_group_runs(cfg, sweep_dir, made)
     except Exception as exc:
         raise TrackingUnavailable(f"cannot create the group runs: {_one_line(exc)}") from exc
