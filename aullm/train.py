@@ -19,7 +19,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +30,7 @@ import torch
 from aullm.constants import NUM_FRAMES, PAPER_PROMPT, TOKEN_POSITIONS, VARIANTS, VARIANTS_WITHOUT_LLM
 from aullm.data.clips import ClipStore, test_frame_indices, train_frame_indices
 from aullm.data.folds import Split, label_matrix
+from aullm.data.samples import Sample
 from aullm.errors import UserInputError
 from aullm.loss import AsymmetricLoss
 
@@ -384,11 +385,9 @@ class CellTrainer:
             m.reset_running_stats()
             m.momentum = None  # a cumulative average over the batches below, not a moving one
             m.train()
-        for lo in range(0, len(split.train), 256):
-            batch = split.train[lo : lo + 256]
-            clips = store.batch(batch, lambda n: test_frame_indices(n, NUM_FRAMES))
+        for x in self._test_sampled_batches(split.train, store, scale):
             with self.accelerator.autocast():
-                backbone(torch.from_numpy(clips * scale).to(self.device))
+                backbone(x)
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
         backbone.eval()
@@ -397,14 +396,17 @@ class CellTrainer:
     def _predict(self, model: torch.nn.Module, split: Split, store: ClipStore, scale: float) -> np.ndarray:
         model.eval()
         out = []
-        for lo in range(0, len(split.test), 256):
-            batch = split.test[lo : lo + 256]
-            clips = store.batch(batch, lambda n: test_frame_indices(n, NUM_FRAMES))
-            x = torch.from_numpy(clips * scale).to(self.device)
+        for x in self._test_sampled_batches(split.test, store, scale):
             with self.accelerator.autocast():
                 logits = model(x)
             out.append(torch.sigmoid(logits.float()).cpu().numpy())
         return np.concatenate(out, axis=0)
+
+    def _test_sampled_batches(self, samples: list[Sample], store: ClipStore, scale: float) -> Iterator[torch.Tensor]:
+        """`samples` as input tensors on the device, 256 clips at a time, frames sampled as at test time."""
+        for lo in range(0, len(samples), 256):
+            clips = store.batch(samples[lo : lo + 256], lambda n: test_frame_indices(n, NUM_FRAMES))
+            yield torch.from_numpy(clips * scale).to(self.device)
 
     # -- checkpoints: everything that decides the rest of the run ---------------------------
 
