@@ -1,25 +1,31 @@
 """Asymmetric Loss (Ridnik et al., ICCV 2021) for multi-label AU detection (DESIGN.md §4).
 
-With p = sigmoid(logit) and the shifted negative probability p_m = max(p - clip, 0):
+With p = sigmoid(logit), the shifted negative probability p_m = max(p - clip, 0), and
+the clipped BCE  b = y log(p) + (1-y) log(1-p_m):
 
-    official:  l = -[ y (1-p)^g+ log(p)  +  (1-y) p_m^g- log(1-p_m) ]
-    script:    l = -[ y (1-p)^g+ log(p)  +  (1-y) (1-p_m)^g- log(1-p_m) ]
+    official:  l = -[ y (1-p)^g+ log(p)  +  (1-y) p_m^g- log(1-p_m) ]   (value and gradient)
+    script:    value     -[ y (1-p)^g+ log(p)  +  (1-y) (1-p_m)^g- log(1-p_m) ]
+               gradient  that of -b: the plain clipped BCE, unweighted
 
-`official` is the ASL paper's (and AU-LLM paper's Eq. 4) formulation: easy negatives
-(small p) are down-weighted by p_m^g-. DESIGN.md notes that the authors' released
-script "inverts the negative focusing term"; our reading of that is `script`, where
-the weight becomes (1 - p_m)^g-, i.e. it is the *hard* negatives that get
-down-weighted. Only `official` is the default.
+`official` is the ASL paper's (and the AU-LLM paper's Eq. 4) formulation: easy
+negatives (small p) are down-weighted by p_m^g-, and the focusing weights are treated
+as constants in the backward pass (`detach_focusing`, as the official ASL code trains
+with `disable_torch_grad_focal_loss`), so the gradient is that of the weighted log terms.
 
-Reduction: the AU-LLM paper's Eq. 4 has -1/N sum_i sum_j, so the default
-`reduction="mean"` sums over AUs and averages over the N samples. (The official ASL
-code returns the plain sum, `reduction="sum"`; with Adam the two differ only through
-Adam's eps and weight decay balance, but they are not interchangeable.)
+`script` is what the released script (AULLMmain.py, `AsymmetricLoss.forward`) trains
+on. It builds `loss = y log(p) + (1-y) log(1-p_m)`, then, with gradients switched off,
+multiplies it *in place* by its focusing weight ((1-p)^g+ for positives, (1-p_m)^g- for
+negatives) and returns `-loss.sum()`. An in-place multiply under
+`set_grad_enabled(False)` changes the tensor's values but is not recorded by autograd,
+and neither the sum's backward nor the addition's reads those values: the gradient that
+reaches the model is exactly that of the unweighted clipped BCE. The weights change only
+the printed loss value. (Their negative form, (1-p_m)^g-, is the opposite of ASL's, but
+it never reaches a gradient: what changes training is that there is no focusing at
+all.) `script` reproduces both the value the script prints and the gradient it trains on.
 
-Gradient of the focusing weight: the official ASL training script builds the loss
-with `disable_torch_grad_focal_loss=True`, i.e. the weights are treated as constants
-in the backward pass; `detach_focusing=True` (default) does the same. The loss value
-does not depend on this switch, only its gradient.
+Reduction: the paper's Eq. 4 has -1/N sum_i sum_j, so `mean` sums over AUs and averages
+over the N samples; the script returns the plain sum, `sum`. With Adam the two differ
+only through Adam's eps and the weight decay balance, but they are not interchangeable.
 """
 
 from __future__ import annotations
@@ -104,12 +110,18 @@ class AsymmetricLoss(nn.Module):
         log_pos = torch.log(p.clamp(min=s.eps))
         log_neg = torch.log(q_neg.clamp(min=s.eps))
 
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not s.detach_focusing):
-            w_pos = (1.0 - p) ** s.gamma_pos
-            p_m = 1.0 - q_neg
-            w_neg = p_m**s.gamma_neg if s.form == "official" else q_neg**s.gamma_neg
-
-        loss = y * w_pos * log_pos + (1.0 - y) * w_neg * log_neg
+        if s.form == "script":
+            clipped_bce = y * log_pos + (1.0 - y) * log_neg
+            with torch.no_grad():
+                weights = (1.0 - p) ** s.gamma_pos * y + q_neg**s.gamma_neg * (1.0 - y)
+                weighted = clipped_bce * weights
+            # the weighted loss's value, the unweighted loss's gradient (see the module doc)
+            loss = clipped_bce + (weighted - clipped_bce).detach()
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not s.detach_focusing):
+                w_pos = (1.0 - p) ** s.gamma_pos
+                w_neg = (1.0 - q_neg) ** s.gamma_neg
+            loss = y * w_pos * log_pos + (1.0 - y) * w_neg * log_neg
         total = -loss.sum()
         if s.reduction == "mean":
             total = total / logits.shape[0]

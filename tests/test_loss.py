@@ -89,3 +89,47 @@ def test_detach_focusing_changes_gradient_not_value() -> None:
 def test_bad_settings_are_user_errors(kwargs: dict) -> None:
     with pytest.raises(UserInputError):
         AsymmetricLoss(**kwargs)
+
+
+def script_loss_as_released(x: torch.Tensor, y: torch.Tensor, gamma_neg: float = 4.0, gamma_pos: float = 0.0,
+                            clip: float = 0.05, eps: float = 1e-8) -> torch.Tensor:
+    """The released script's loss, re-implemented here the way it is written there
+    (AULLMmain.py, AsymmetricLoss.forward with disable_torch_grad_focal_loss=True): the
+    focusing weight multiplied in *in place* while gradients are switched off, then a sum."""
+    x_sigmoid = torch.sigmoid(x)
+    xs_pos, xs_neg = x_sigmoid, 1 - x_sigmoid
+    if clip > 0:
+        xs_neg = (xs_neg + clip).clamp(max=1)
+    loss = y * torch.log(xs_pos.clamp(min=eps)) + (1 - y) * torch.log(xs_neg.clamp(min=eps))
+    torch.set_grad_enabled(False)
+    focal_weight = torch.where(y == 1, (1 - xs_pos) ** gamma_pos, xs_neg**gamma_neg)
+    loss *= focal_weight
+    torch.set_grad_enabled(True)
+    return -loss.sum()
+
+
+@pytest.mark.parametrize("gp,gn,clip", [(0.0, 4.0, 0.05), (1.0, 2.0, 0.1)])
+def test_script_form_trains_on_the_scripts_gradient_and_prints_its_value(gp: float, gn: float, clip: float) -> None:
+    """recipe `script`: on random logits, the gradient equals the released script's (the
+    unweighted clipped BCE, summed), and the loss value equals the weighted one it prints."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 8, generator=g, dtype=torch.float64) * 3
+    targets = (torch.rand(64, 8, generator=g) < 0.3).double()
+    x_ref = logits.clone().requires_grad_(True)
+    ref = script_loss_as_released(x_ref, targets, gamma_neg=gn, gamma_pos=gp, clip=clip)
+    ref.backward()
+    x = logits.clone().requires_grad_(True)
+    ours = AsymmetricLoss(gamma_pos=gp, gamma_neg=gn, clip=clip, form="script", reduction="sum")(x, targets)
+    ours.backward()
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    # ... and that gradient is the plain clipped BCE's: the weights never reach it
+    x_bce = logits.clone().requires_grad_(True)
+    p = torch.sigmoid(x_bce)
+    bce = -(targets * torch.log(p) + (1 - targets) * torch.log((1 - p + clip).clamp(max=1))).sum()
+    bce.backward()
+    torch.testing.assert_close(x.grad, x_bce.grad, rtol=1e-12, atol=1e-12)
+    # while the official form's gradient is a different one
+    x_off = logits.clone().requires_grad_(True)
+    AsymmetricLoss(gamma_pos=gp, gamma_neg=gn, clip=clip, reduction="sum")(x_off, targets).backward()
+    assert not torch.allclose(x_off.grad, x_ref.grad)
