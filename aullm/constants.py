@@ -22,3 +22,13 @@ TOKEN_POSITIONS: tuple[str, ...] = ("prepend", "append")
 NUM_FRAMES = 6  # T
 FRAME_SIZE = 64  # H = W
 PAPER_PROMPT = "Analyze the facial features to classify action units:"
+
+# `aullm-grid data synth` leaves this file at a synthetic dataset's root, so that the
+# tables can say their numbers come from synthetic data and compare nothing with the paper.
+SYNTHETIC_MARKER = "aullm_synthetic.json"
+
+
+def is_synthetic_dataset(root: str) -> bool:
+    from pathlib import Path
+
+    return (Path(root) / SYNTHETIC_MARKER).is_file()

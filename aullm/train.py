@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from aullm.constants import NUM_FRAMES, PAPER_PROMPT, TOKEN_POSITIONS, VARIANTS, VARIANTS_WITHOUT_LLM
+from aullm.constants import NUM_FRAMES, TOKEN_POSITIONS, VARIANTS, VARIANTS_WITHOUT_LLM
 from aullm.data.clips import ClipStore, test_frame_indices, train_frame_indices
 from aullm.data.folds import Split, label_matrix
 from aullm.data.samples import Sample
@@ -35,19 +35,50 @@ from aullm.errors import UserInputError
 from aullm.loss import AsymmetricLoss
 
 
+# Closed choices of TrainConfig, checked with one-line errors (the Literal types are not enforced).
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "recipe": ("paper", "script"),
+    "token_position": TOKEN_POSITIONS,
+    "prompt_special_tokens": ("tokenizer", "none"),
+    "train_sampling": ("script", "linspace"),
+    "pixel_scale": ("raw", "unit"),
+    "asl_form": ("official", "script"),
+    "loss_reduction": ("mean", "sum"),
+    "efp_activation": ("none", "tanh", "gelu", "relu", "sigmoid"),
+    "prompt_fusion": ("early", "late"),
+    "batchnorm_stats": ("recompute", "running"),
+    "precision": ("auto", "bf16", "fp16_llm", "fp32"),
+}
+
+
 @dataclass
 class TrainConfig:
-    """Training settings of one cell. Defaults are the paper's (DESIGN.md §4)."""
+    """Training settings of one cell. Defaults are the paper's (DESIGN.md §4); `recipe`
+    fills every unset field from the paper's text or from the released script."""
 
     epochs: int = field(default=350, metadata={"help": "full passes over the training split"})
     lr: float = field(default=3e-5, metadata={"help": "Adam learning rate"})
     weight_decay: float = field(default=0.005, metadata={"help": "Adam weight decay (L2, as torch.optim.Adam)"})
     batch_size: int = field(default=256, metadata={"help": "clips per step; 256 = one full batch per epoch"})
     dropout: float = field(default=0.3, metadata={"help": "dropout of backbone and projector"})
-    token_position: Literal["prepend", "append"] = field(
-        default="prepend", metadata={"help": "visual token before the prompt (paper) or after it (script)"}
+    recipe: Literal["paper", "script"] = field(
+        default="paper",
+        metadata={
+            "help": "paper: what the paper's text says; script: what the released script does "
+            "(aullm/recipes.py). Every field below left unset takes its recipe's value"
+        },
     )
-    prompt: str = field(default=PAPER_PROMPT, metadata={"help": "task text prompt"})
+    token_position: Literal["prepend", "append"] | None = field(
+        default=None, metadata={"help": "visual token before the prompt (paper) or after it (script)"}
+    )
+    prompt: str | None = field(default=None, metadata={"help": "task text prompt (paper's English, script's Chinese)"})
+    prompt_special_tokens: Literal["tokenizer", "none"] | None = field(
+        default=None,
+        metadata={
+            "help": "tokenizer: the prompt keeps the special tokens its tokenizer adds (a BOS stays first, "
+            "before the visual token too), as the script's tokenizer(prompt); none: plain text only"
+        },
+    )
     train_sampling: Literal["script", "linspace"] = field(
         default="script",
         metadata={"help": "script: onset to a random end frame; linspace: the test sampling"},
@@ -55,8 +86,15 @@ class TrainConfig:
     pixel_scale: Literal["raw", "unit"] = field(
         default="raw", metadata={"help": "raw: 0..255 as the released script; unit: 0..1"}
     )
-    asl_form: Literal["official", "script"] = field(
-        default="official", metadata={"help": "official ASL, or the script's inverted negative focusing"}
+    asl_form: Literal["official", "script"] | None = field(
+        default=None,
+        metadata={
+            "help": "official: ASL with its focusing weights (paper Eq. 4); script: the released script's "
+            "gradient, the plain clipped BCE (its weights only change the printed value; aullm/loss.py)"
+        },
+    )
+    loss_reduction: Literal["mean", "sum"] | None = field(
+        default=None, metadata={"help": "mean over samples (paper Eq. 4) or sum (script)"}
     )
     gamma_pos: float = 0.0
     gamma_neg: float = 4.0
@@ -64,9 +102,21 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.1
+    efp_activation: Literal["none", "tanh", "gelu", "relu", "sigmoid"] | None = field(
+        default=None,
+        metadata={"help": "activation on the EFP's output token (paper Eq. 3's sigma; the script has none)"},
+    )
+    prompt_fusion: Literal["early", "late"] = field(
+        default="early",
+        metadata={
+            "help": "prompt_learning only. early: learnable vectors replace the text prompt and the visual "
+            "token still enters the LLM; late: the LLM reads only the vectors (one constant vector for every "
+            "clip) and the visual features bypass it to the head (docs/results.md)"
+        },
+    )
     num_prompt_vectors: int = field(default=4, metadata={"help": "learnable vectors of prompt_learning"})
-    batchnorm_stats: Literal["recompute", "running"] = field(
-        default="recompute",
+    batchnorm_stats: Literal["recompute", "running"] | None = field(
+        default=None,
         metadata={
             "help": "recompute: after training, BatchNorm statistics are recomputed over the training clips "
             "(test sampling, dropout off) before predicting; running: the moving averages kept during "
@@ -76,10 +126,25 @@ class TrainConfig:
             "training clips, and F1 at the fixed 0.5 threshold collapses to the all-positive level"
         },
     )
-    precision: Literal["auto", "bf16", "fp32"] = field(
-        default="auto", metadata={"help": "auto: bf16 autocast on GPU, fp32 on CPU"}
+    precision: Literal["auto", "bf16", "fp16_llm", "fp32"] | None = field(
+        default=None,
+        metadata={
+            "help": "auto (paper): bf16 LLM on a GPU with the LED and 3D-CNN in fp32, fp32 on the CPU; "
+            "fp16_llm (script): fp16 LLM weights, fp32 visual path and head, on a GPU (fp32 on the CPU); "
+            "bf16: bf16 autocast on any device; fp32"
+        },
     )
     deepspeed: str | None = field(default=None, metadata={"help": "path of a DeepSpeed config (ZeRO-2 shipped)"})
+
+    def __post_init__(self) -> None:
+        from aullm.recipes import check_recipe, resolve
+
+        try:
+            check_recipe(self.recipe)
+        except ValueError as exc:
+            raise UserInputError(f"training: field 'recipe': {exc}") from None
+        for key, value in resolve(dataclasses.asdict(self)).items():
+            setattr(self, key, value)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "training") -> TrainConfig:
@@ -100,14 +165,12 @@ class TrainConfig:
             raise UserInputError(f"{source}: field 'lr': {self.lr} must be a positive number")
         if not 0 <= self.dropout < 1:
             raise UserInputError(f"{source}: field 'dropout': {self.dropout} must be in [0, 1)")
-        if self.batchnorm_stats not in ("recompute", "running"):
-            raise UserInputError(
-                f"{source}: field 'batchnorm_stats': '{self.batchnorm_stats}' is not one of recompute, running"
-            )
-        if self.token_position not in TOKEN_POSITIONS:
-            raise UserInputError(
-                f"{source}: field 'token_position': '{self.token_position}' is not one of {', '.join(TOKEN_POSITIONS)}"
-            )
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise UserInputError(f"{source}: field '{name}': '{value}' is not one of {', '.join(allowed)}")
+        if not self.prompt or not self.prompt.strip():
+            raise UserInputError(f"{source}: field 'prompt': empty; give the task text prompt")
 
 
 @dataclass
@@ -143,19 +206,55 @@ class Preempted(Exception):
 
 
 def seed_everything(seed: int) -> None:
+    """Every RNG a cell draws from, as the script seeds them (random, numpy, torch, CUDA)."""
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device's generator
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+# cuBLAS picks reduction orders by workspace unless told a fixed one; this is the value
+# PyTorch's reproducibility notes give. It must be set before the first cuBLAS call.
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def configure_determinism(device_type: str) -> None:
+    """On CUDA: deterministic cuDNN kernels without autotuning (as the script sets), and
+    deterministic algorithms everywhere PyTorch has them, so two runs of a cell give the
+    same bits. The CPU kernels used here are deterministic already, and
+    `use_deterministic_algorithms` would only make some CPU ops raise."""
+    if device_type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        # dropout masks on a GPU are drawn from the device generators, not the CPU one
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def llm_dtype(precision: str, *, on_gpu: bool) -> torch.dtype:
+    """The dtype the base LLM's weights are loaded in under `precision`."""
+    if precision == "bf16" or (precision == "auto" and on_gpu):
+        return torch.bfloat16
+    if precision == "fp16_llm" and on_gpu:
+        return torch.float16
+    return torch.float32
 
 
 def _deepspeed_plugin(config: TrainConfig, *, bf16: bool):
@@ -207,12 +306,13 @@ class CellTrainer:
         self.llm_path = str(llm_path) if llm_path is not None else None
         self.accelerator = Accelerator(**self._accelerator_kwargs(self.config))
         self.device = self.accelerator.device
+        configure_determinism(self.device.type)
         t0 = time.perf_counter()
         self.llm = None
         if self.llm_path is not None:
             from aullm.model.llm import LoraSettings, load_base_llm
 
-            dtype = torch.bfloat16 if self._uses_bf16() else torch.float32
+            dtype = llm_dtype(self.config.precision, on_gpu=self.device.type == "cuda")
             self.llm = load_base_llm(
                 self.llm_path,
                 dtype=dtype,
@@ -225,7 +325,8 @@ class CellTrainer:
     def _accelerator_kwargs(config: TrainConfig) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
         on_gpu = torch.cuda.is_available()
-        if config.precision == "bf16" or (config.precision == "auto" and on_gpu):
+        # fp16_llm casts by hand (the script's .half() / .float()), so it takes no autocast
+        if llm_dtype(config.precision, on_gpu=on_gpu) == torch.bfloat16:
             kwargs["mixed_precision"] = "bf16"
         else:
             kwargs["mixed_precision"] = "no"
@@ -286,69 +387,82 @@ class CellTrainer:
             dropout=cfg.dropout,
             token_position=cfg.token_position,
             prompt=cfg.prompt,
+            prompt_special_tokens=cfg.prompt_special_tokens,
             num_prompt_vectors=cfg.num_prompt_vectors,
+            prompt_fusion=cfg.prompt_fusion,
+            efp_activation=cfg.efp_activation,
         ).to(self.device)
         params = [p for p in model.trainable_parameters()]
         # fused Adam: one kernel over all tensors; 4.5x faster than the loop on a 2-core CPU
         # for the 60M-parameter EFP, and available on CUDA too.
         optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-        loss_fn = AsymmetricLoss(gamma_pos=cfg.gamma_pos, gamma_neg=cfg.gamma_neg, clip=cfg.asl_clip, form=cfg.asl_form)
+        loss_fn = AsymmetricLoss(
+            gamma_pos=cfg.gamma_pos,
+            gamma_neg=cfg.gamma_neg,
+            clip=cfg.asl_clip,
+            form=cfg.asl_form,
+            reduction=cfg.loss_reduction,
+        )
         model, optimizer = self.accelerator.prepare(model, optimizer)
+        # Whatever happens to this cell (done, preempted, failed), the accelerator lets go of
+        # its model and optimizer: a failed cell must not stay reachable, and so be frozen
+        # by `_freeze_what_outlives_cells`, while the next cells of the pack train.
+        try:
+            train_labels = torch.from_numpy(label_matrix(split.train, split.aus))
+            sampling_rng = np.random.default_rng(seed)
+            scale = 1.0 / 255.0 if cfg.pixel_scale == "unit" else 1.0
+            n_train = len(split.train)
 
-        train_labels = torch.from_numpy(label_matrix(split.train, split.aus))
-        sampling_rng = np.random.default_rng(seed)
-        scale = 1.0 / 255.0 if cfg.pixel_scale == "unit" else 1.0
-        n_train = len(split.train)
+            start_epoch, epoch_losses = 0, []
+            if checkpoint_path is not None and checkpoint_path.is_file():
+                start_epoch, epoch_losses, sampling_rng = self._load_checkpoint(checkpoint_path, model, optimizer)
 
-        start_epoch, epoch_losses = 0, []
-        if checkpoint_path is not None and checkpoint_path.is_file():
-            start_epoch, epoch_losses, sampling_rng = self._load_checkpoint(checkpoint_path, model, optimizer)
+            step_seconds = 0.0
+            steps = 0
+            for epoch in range(start_epoch, cfg.epochs):
+                if should_stop is not None and checkpoint_path is not None and should_stop():
+                    if self.accelerator.is_main_process:  # every rank holds the same state: one writer
+                        self._save_checkpoint(checkpoint_path, model, optimizer, epoch, epoch_losses, sampling_rng)
+                    self.accelerator.wait_for_everyone()
+                    raise Preempted(f"stopped before epoch {epoch}; checkpoint at {checkpoint_path}")
+                model.train()
+                order = sampling_rng.permutation(n_train)
+                running, seen = 0.0, 0
+                for lo in range(0, n_train, cfg.batch_size):
+                    idx = order[lo : lo + cfg.batch_size]
+                    batch_samples = [split.train[i] for i in idx]
+                    if cfg.train_sampling == "script":
+                        clips = store.batch(batch_samples, lambda n: train_frame_indices(n, sampling_rng, NUM_FRAMES))
+                    else:
+                        clips = store.batch(batch_samples, lambda n: test_frame_indices(n, NUM_FRAMES))
+                    x = torch.from_numpy(clips * scale).to(self.device)
+                    y = train_labels[idx].to(self.device)
+                    t0 = time.perf_counter()
+                    with self.accelerator.autocast():
+                        logits = model(x)
+                        loss = loss_fn(logits.float(), y)
+                    optimizer.zero_grad(set_to_none=True)
+                    self.accelerator.backward(loss)
+                    optimizer.step()
+                    step_seconds += time.perf_counter() - t0
+                    steps += 1
+                    # per-sample loss, whatever the reduction, so epochs compare across recipes
+                    running += float(loss.detach()) * (len(idx) if cfg.loss_reduction == "mean" else 1)
+                    seen += len(idx)
+                epoch_loss = running / seen
+                epoch_losses.append(epoch_loss)
+                if on_epoch is not None:
+                    on_epoch(epoch, epoch_loss)
 
-        step_seconds = 0.0
-        steps = 0
-        for epoch in range(start_epoch, cfg.epochs):
-            if should_stop is not None and checkpoint_path is not None and should_stop():
-                if self.accelerator.is_main_process:  # every rank holds the same state: one writer
-                    self._save_checkpoint(checkpoint_path, model, optimizer, epoch, epoch_losses, sampling_rng)
-                self.accelerator.wait_for_everyone()
-                self.accelerator.free_memory()
-                raise Preempted(f"stopped before epoch {epoch}; checkpoint at {checkpoint_path}")
-            model.train()
-            order = sampling_rng.permutation(n_train)
-            running, seen = 0.0, 0
-            for lo in range(0, n_train, cfg.batch_size):
-                idx = order[lo : lo + cfg.batch_size]
-                batch_samples = [split.train[i] for i in idx]
-                if cfg.train_sampling == "script":
-                    clips = store.batch(batch_samples, lambda n: train_frame_indices(n, sampling_rng, NUM_FRAMES))
-                else:
-                    clips = store.batch(batch_samples, lambda n: test_frame_indices(n, NUM_FRAMES))
-                x = torch.from_numpy(clips * scale).to(self.device)
-                y = train_labels[idx].to(self.device)
-                t0 = time.perf_counter()
-                with self.accelerator.autocast():
-                    logits = model(x)
-                    loss = loss_fn(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                self.accelerator.backward(loss)
-                optimizer.step()
-                step_seconds += time.perf_counter() - t0
-                steps += 1
-                running += float(loss.detach()) * len(idx)
-                seen += len(idx)
-            epoch_loss = running / seen
-            epoch_losses.append(epoch_loss)
-            if on_epoch is not None:
-                on_epoch(epoch, epoch_loss)
-
-        t_pred = time.perf_counter()
-        if cfg.batchnorm_stats == "recompute":
-            self._recompute_batchnorm_stats(model, split, store, scale)
-        probs = self._predict(model, split, store, scale)
-        t_end = time.perf_counter()
-        self.accelerator.free_memory()
-        if checkpoint_path is not None and self.accelerator.is_main_process and checkpoint_path.is_file():
-            checkpoint_path.unlink()
+            t_pred = time.perf_counter()
+            if cfg.batchnorm_stats == "recompute":
+                self._recompute_batchnorm_stats(model, split, store, scale)
+            probs = self._predict(model, split, store, scale)
+            t_end = time.perf_counter()
+            if checkpoint_path is not None and self.accelerator.is_main_process and checkpoint_path.is_file():
+                checkpoint_path.unlink()
+        finally:
+            self.accelerator.free_memory()
 
         return CellResult(
             sample_keys=[s.key for s in split.test],

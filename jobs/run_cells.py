@@ -222,6 +222,7 @@ def _claim(sweep: SweepDir, cell: Cell, processes: TaskProcesses) -> int | str:
 
 
 def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict[str, str]:
+    from aullm.recipes import recorded
     from aullm.train import CellTrainer, Preempted, TrainConfig
     from orchestrator.tracking import CellRunLogger
 
@@ -232,7 +233,7 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
     sweep = SweepDir(sweep_dir)
     manifest = sweep.read_manifest()
     cells = [sweep.cell(cid) for cid in cell_ids]
-    config = TrainConfig.from_dict(manifest["spec"].get("training") or {})
+    config = TrainConfig.from_dict(recorded(manifest["spec"].get("training") or {}))
     llm_paths = {c.llm_path for c in cells if c.llm_path}
     if len(llm_paths) > 1:
         raise RuntimeError(f"a task must share one LLM; got {sorted(llm_paths)}")
@@ -316,6 +317,7 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
         payload = {
             "cell_id": cell.cell_id,
             "status": "done",
+            "recipe": config.recipe,  # how it was trained: the tables say which recipe they show
             **result.to_payload(),
             "attempt": attempts,
             "host": host,

@@ -78,7 +78,9 @@ def check_compatible(spec: Any, sweep: Any) -> None:
 
     if not sweep.exists():
         return
-    previous = sweep.read_manifest().get("spec", {}).get("training", {})
+    from aullm.recipes import recorded
+
+    previous = recorded(sweep.read_manifest().get("spec", {}).get("training", {}))
     current = spec.snapshot()["training"]
     changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
     if changed:

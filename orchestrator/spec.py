@@ -37,7 +37,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from aullm.constants import DATASETS, PAPER_PROMPT, VARIANTS, VARIANTS_WITHOUT_LLM
+from aullm.constants import DATASETS, VARIANTS, VARIANTS_WITHOUT_LLM
 from aullm.errors import UserInputError
 from orchestrator import profiles
 from orchestrator.cells import natural_key
@@ -305,23 +305,41 @@ class LLMSpec(_Strict):
 
 
 class TrainingSpec(_Strict):
-    """Training settings of every cell; same names and defaults as `aullm.train.TrainConfig`."""
+    """Training settings of every cell; same names and defaults as `aullm.train.TrainConfig`.
 
+    `recipe` fills every recipe field left unset (aullm/recipes.py); the stored snapshot
+    holds the resolved values, so the manifest says exactly how each cell was trained."""
+
+    recipe: Literal["paper", "script"] = Field(
+        "paper",
+        description="paper: what the paper's text says; script: what the released script does. "
+        "Fields left unset take their recipe's value; any field set here overrides it",
+    )
     epochs: int = Field(350, gt=0, description="full passes over the training split (paper: 350)")
     lr: float = Field(3e-5, gt=0, allow_inf_nan=False, description="Adam learning rate (paper: 3e-5)")
     weight_decay: float = Field(0.005, ge=0, allow_inf_nan=False, description="Adam weight decay (paper: 0.005)")
     batch_size: int = Field(256, gt=0, description="clips per step; 256 = one full batch per epoch (paper)")
     dropout: float = Field(0.3, ge=0, lt=1, description="dropout of backbone and projector (paper: 0.3)")
-    token_position: Literal["prepend", "append"] = Field(
-        "prepend", description="visual token before the prompt (paper) or after it (released script)"
+    token_position: Literal["prepend", "append"] | None = Field(
+        None, description="visual token before the prompt (paper) or after it (script); unset: the recipe's"
     )
-    prompt: str = Field(PAPER_PROMPT, min_length=1, description="task text prompt")
+    prompt: str | None = Field(None, min_length=1, description="task text prompt; unset: the recipe's")
+    prompt_special_tokens: Literal["tokenizer", "none"] | None = Field(
+        None,
+        description="tokenizer: keep the special tokens the tokenizer adds to the prompt (a BOS stays first); "
+        "none: plain text; unset: the recipe's (tokenizer for both)",
+    )
     train_sampling: Literal["script", "linspace"] = Field(
         "script", description="script: onset to a random end frame; linspace: the test sampling"
     )
     pixel_scale: Literal["raw", "unit"] = Field("raw", description="raw: 0..255 as the released script; unit: 0..1")
-    asl_form: Literal["official", "script"] = Field(
-        "official", description="official ASL, or the script's inverted negative focusing term"
+    asl_form: Literal["official", "script"] | None = Field(
+        None,
+        description="official: ASL with its focusing weights (paper Eq. 4); script: the released script's gradient, "
+        "the plain clipped BCE; unset: the recipe's",
+    )
+    loss_reduction: Literal["mean", "sum"] | None = Field(
+        None, description="mean over samples (paper Eq. 4) or sum (script); unset: the recipe's"
     )
     gamma_pos: float = Field(0.0, ge=0, allow_inf_nan=False, description="ASL positive focusing (paper: 0)")
     gamma_neg: float = Field(4.0, ge=0, allow_inf_nan=False, description="ASL negative focusing (paper: 4)")
@@ -329,15 +347,25 @@ class TrainingSpec(_Strict):
     lora_r: int = Field(16, gt=0, description="LoRA rank (paper: 16)")
     lora_alpha: int = Field(32, gt=0, description="LoRA alpha (paper: 32)")
     lora_dropout: float = Field(0.1, ge=0, lt=1, description="LoRA dropout")
-    num_prompt_vectors: int = Field(4, gt=0, description="learnable vectors of the prompt_learning variant")
-    batchnorm_stats: Literal["recompute", "running"] = Field(
-        "recompute",
-        description="recompute: BatchNorm statistics recomputed over the training clips before predicting "
-        "(calibrated probabilities at the fixed 0.5 threshold); running: the training-time moving averages "
-        "(released script)",
+    efp_activation: Literal["none", "tanh", "gelu", "relu", "sigmoid"] | None = Field(
+        None, description="activation on the EFP output token (paper Eq. 3: tanh here; script: none); unset: the recipe's"
     )
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU"
+    prompt_fusion: Literal["early", "late"] = Field(
+        "early",
+        description="prompt_learning only. early: learnable vectors replace the text prompt, the visual token still "
+        "enters the LLM; late: the LLM sees the same input for every clip (a constant), visual features bypass it",
+    )
+    num_prompt_vectors: int = Field(4, gt=0, description="learnable vectors of the prompt_learning variant")
+    batchnorm_stats: Literal["recompute", "running"] | None = Field(
+        None,
+        description="recompute (paper recipe): BatchNorm statistics recomputed over the training clips before "
+        "predicting (calibrated probabilities at the fixed 0.5 threshold); running (script): the training-time "
+        "moving averages; unset: the recipe's",
+    )
+    precision: Literal["auto", "bf16", "fp16_llm", "fp32"] | None = Field(
+        None,
+        description="auto (paper): bf16 LLM on a GPU, LED and 3D-CNN in fp32, fp32 on the CPU; fp16_llm (script): "
+        "fp16 LLM weights, fp32 visual path and head on a GPU; bf16; fp32; unset: the recipe's",
     )
     deepspeed: str | None = Field(
         None,
@@ -360,6 +388,15 @@ class TrainingSpec(_Strict):
                 "or give a path to a JSON file",
             )
         return str(shipped)
+
+    @model_validator(mode="after")
+    def _resolve_recipe(self) -> TrainingSpec:
+        from aullm.recipes import resolve
+
+        for key, value in resolve(self.model_dump()).items():
+            if getattr(self, key) != value:
+                object.__setattr__(self, key, value)
+        return self
 
 
 class ResourcesSpec(_Strict):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aullm.constants import TOKEN_POSITIONS, VARIANTS
+from aullm.constants import PAPER_PROMPT, TOKEN_POSITIONS, VARIANTS
 from aullm.errors import UserInputError
 from aullm.loss import AsymmetricLoss
 from aullm.model.au_llm import AULLM, ModelSettings
@@ -182,3 +182,62 @@ def test_bfloat16_llm_with_float32_cell_modules(tiny_llm: Path) -> None:
     assert logits.dtype == torch.float32 and logits.shape == (2, NUM_AUS)
     logits.sum().backward()
     assert model.head.weight.grad is not None and torch.isfinite(model.head.weight.grad).all()
+
+
+def test_prompt_learning_defaults_to_early_fusion(llm: BaseLLM) -> None:
+    """The default reading feeds each clip's own token to the LLM: two clips give two
+    different last hidden states (under `late` the LLM's output is one constant)."""
+    model = AULLM.build("prompt_learning", NUM_AUS, llm, seed=0).eval()
+    assert model.settings.prompt_fusion == "early" and not model.late_fusion
+    seen: list[torch.Tensor] = []
+    handle = model.head.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0]))
+    with torch.no_grad():
+        model(clips(batch=2))
+    handle.remove()
+    assert not torch.allclose(seen[0][0], seen[0][1])
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+def test_efp_activation_bounds_the_visual_token(activation: str, llm: BaseLLM) -> None:
+    proj = make_projector("all", out_dim=llm.hidden_size, dropout=0.0, activation=activation)
+    token = proj(torch.randn(3, F_MID_DIM) * 50, torch.randn(3, F_HIGH_DIM) * 50)
+    low = -1.0 if activation == "tanh" else 0.0
+    assert token.min() >= low and token.max() <= 1.0
+    assert token.abs().max() > 0.5  # the activation really ran on a large pre-activation
+    plain = make_projector("all", out_dim=llm.hidden_size, dropout=0.0, activation="none")
+    assert isinstance(plain.net[-1], torch.nn.Linear)
+    with pytest.raises(UserInputError, match="efp_activation"):
+        make_projector("all", out_dim=8, activation="swish")
+
+
+def test_a_tokenizer_bos_stays_first_in_either_token_position(tiny_llm: Path) -> None:
+    """A tokenizer that adds a BOS (as DeepSeek-R1-Distill's does): with
+    prompt_special_tokens=tokenizer the sequence is [BOS, token, prompt] (prepend) or
+    [BOS, prompt, token] (append, the script's tokenizer(prompt) then the token)."""
+    from tokenizers.processors import TemplateProcessing
+
+    llm = load_base_llm(tiny_llm)
+    bos = "<|endoftext|>"
+    bos_id = llm.tokenizer.convert_tokens_to_ids(bos)
+    llm.tokenizer._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)])
+    prefix, text = llm.embed_prompt_parts(PAPER_PROMPT, special_tokens=True)
+    bos_embedding = llm.input_embeddings.weight[bos_id]
+    assert prefix.shape[1] == 1 and torch.equal(prefix[0, 0], bos_embedding)
+    assert torch.equal(text, llm.embed_prompt(PAPER_PROMPT))
+    for position in ("prepend", "append"):
+        model = AULLM.build("all", NUM_AUS, llm, ModelSettings(token_position=position), seed=0).eval()
+        seqs: list[torch.Tensor] = []
+        original = llm.last_hidden
+        llm.last_hidden = lambda seq, *a, **k: (seqs.append(seq), original(seq, *a, **k))[1]  # type: ignore[method-assign]
+        try:
+            with torch.no_grad():
+                model(clips(batch=1))
+        finally:
+            del llm.last_hidden
+        seq = seqs[0][0]
+        assert seq.shape[0] == 1 + text.shape[1] + 1
+        assert torch.equal(seq[0], bos_embedding)
+        body = seq[2:] if position == "prepend" else seq[1:-1]
+        assert torch.equal(body, text[0])
+    none = AULLM.build("all", NUM_AUS, llm, ModelSettings(prompt_special_tokens="none"), seed=0)
+    assert none.prompt_prefix.shape[1] == 0

@@ -192,7 +192,13 @@ def test_training_block_mirrors_trainconfig() -> None:
             )
     defaults = TrainingSpec().model_dump()
     assert set(defaults) == set(fields)
-    assert {k: defaults[k] for k in fields} == fields
+    # both resolve the fields they leave unset from the same recipe table
+    from aullm.recipes import RECIPE_FIELDS, resolve
+
+    assert all(fields[k] is None for k in RECIPE_FIELDS)
+    assert {k: defaults[k] for k in fields} == resolve(fields)
+    for recipe in ("paper", "script"):
+        assert TrainingSpec(recipe=recipe).model_dump() == resolve({**fields, "recipe": recipe})
 
 
 def test_resources_defaults_are_usable_without_a_cluster() -> None:

@@ -24,6 +24,7 @@ takes a few seconds on one core.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from aullm.constants import SYNTHETIC_MARKER
 from aullm.errors import UserInputError
 
 SIZE = 128  # synthetic frames are SIZE x SIZE; readers resize to 64 x 64
@@ -774,4 +776,8 @@ def write_synthetic(
         frames = _render_clip(faces[clip.subject], clip)
         _save_frames(frames_root / subject_id / clip.name, layout, subject_id, clip, frames, plan.rgb)
     _write_sheet(layout, root / _SHEET_NAME[layout], clips, np.random.default_rng([seed, 4]))
+    # says "synthetic" to the collector, which then compares nothing with the paper
+    (root / SYNTHETIC_MARKER).write_text(
+        json.dumps({"synthetic": True, "layout": layout, "subjects": n_subjects, "seed": seed}) + "\n"
+    )
     return root

@@ -8,18 +8,25 @@ Variant `prompt_learning` (Table 3, "Ablation on Prompting Strategy"). The paper
 the variant "replaces our EFP module with ... Learnable Text Prompts [CoOp] ... a set
 of static, learnable embedding vectors ... instead of generating a dynamic visual
 token for each sample", and contrasts AU-LLM's "early fusion" (visual information
-integrated before reaching the LLM) with this "late fusion" approach. Our reading,
-the default (`prompt_fusion="late"`):
+integrated before reaching the LLM) with this "late fusion" approach. Two readings:
 
-  - the LLM reads only K learnable prompt vectors (CoOp context vectors, replacing the
-    text prompt); its last hidden state h is the same for every sample;
-  - the per-sample visual information bypasses the LLM: a single linear projection of
-    F_high to D (no EFP), v;
-  - late fusion: the head is Linear(2D -> num_AUs) on concat(h, v).
+  - `early` (the default): K learnable prompt vectors (CoOp context vectors) replace
+    the text prompt, and the per-sample visual information still enters the LLM as one
+    token, a single linear projection of F_high (no EFP), placed by `token_position`;
+    the usual Linear(D -> num_AUs) head reads the last position. What is ablated is
+    the EFP and the text prompt, as the paper's first sentence says.
+  - `late`: the LLM reads only the K vectors, so its last hidden state h is the same
+    for every clip: the LLM contributes one constant vector, a bias. The visual
+    features bypass it (v = Linear(F_high)) and the head is Linear(2D -> num_AUs) on
+    concat(h, v). That is backbone + a linear head with a learnt bias, whatever the LLM:
+    it cannot measure what the LLM adds, so it is not the default (docs/results.md).
 
-`prompt_fusion="early"` is the other reading one could defend: the learnable vectors
-replace the text prompt, and v enters the LLM as the visual token (placed by
-`token_position`), with the usual Linear(D -> num_AUs) head on the last position.
+Special tokens (`prompt_special_tokens`). With `tokenizer`, the prompt is tokenised
+with the special tokens its tokenizer adds, as the script's `tokenizer(prompt)` does
+(Qwen2 tokenizers add none; DeepSeek-R1-Distill's adds a BOS). Leading special tokens
+stay at the very start of the sequence: the script's appended token follows
+[BOS, prompt]; a prepended token goes after the BOS, [BOS, token, prompt], since a
+model trained with a BOS expects it first. With `none`, the plain text only.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ from aullm.model.backbone import VisualBackbone
 from aullm.model.llm import BaseLLM
 from aullm.model.projector import make_projector
 
-PROMPT_FUSIONS: tuple[str, ...] = ("late", "early")
+PROMPT_FUSIONS: tuple[str, ...] = ("early", "late")
+PROMPT_SPECIAL_TOKENS: tuple[str, ...] = ("tokenizer", "none")
 
 
 @dataclass(frozen=True)
@@ -47,11 +55,14 @@ class ModelSettings:
     token_position: Literal["prepend", "append"] = "prepend"  # paper prepends; the script appends
     prompt: str = PAPER_PROMPT
     num_prompt_vectors: int = 4  # K, variant prompt_learning only
-    prompt_fusion: Literal["late", "early"] = "late"  # variant prompt_learning only
+    prompt_fusion: Literal["early", "late"] = "early"  # variant prompt_learning only
+    prompt_special_tokens: Literal["tokenizer", "none"] = "tokenizer"
+    efp_activation: str = "none"  # paper Eq. 3's sigma; see aullm.model.projector
 
     def __post_init__(self) -> None:
         validate_choice("token_position", self.token_position, TOKEN_POSITIONS)
         validate_choice("prompt_fusion", self.prompt_fusion, PROMPT_FUSIONS)
+        validate_choice("prompt_special_tokens", self.prompt_special_tokens, PROMPT_SPECIAL_TOKENS)
         if not 0.0 <= self.dropout < 1.0:
             raise UserInputError(f"dropout: {self.dropout} is not allowed; must be in [0, 1)")
         if self.num_prompt_vectors < 1:
@@ -78,7 +89,9 @@ class AULLM(nn.Module):
         token_position: str = "prepend",
         prompt: str = PAPER_PROMPT,
         num_prompt_vectors: int = 4,
-        prompt_fusion: str = "late",
+        prompt_fusion: str = "early",
+        prompt_special_tokens: str = "tokenizer",
+        efp_activation: str = "none",
     ) -> None:
         super().__init__()
         validate_choice("variant", variant, VARIANTS)
@@ -88,6 +101,8 @@ class AULLM(nn.Module):
             prompt=prompt,
             num_prompt_vectors=num_prompt_vectors,
             prompt_fusion=prompt_fusion,  # type: ignore[arg-type]
+            prompt_special_tokens=prompt_special_tokens,  # type: ignore[arg-type]
+            efp_activation=efp_activation,
         )
         if num_aus < 1:
             raise ValueError(f"AULLM: num_aus must be >= 1, got {num_aus}")
@@ -110,7 +125,10 @@ class AULLM(nn.Module):
             return
 
         d = self.llm.hidden_size
-        self.projector = make_projector(variant, out_dim=d, dropout=dropout)
+        self.projector = make_projector(variant, out_dim=d, dropout=dropout, activation=efp_activation)
+        # Frozen embeddings, computed once; buffers so that they follow .to(device).
+        prefix, text = self.llm.embed_prompt_parts(prompt, special_tokens=prompt_special_tokens == "tokenizer")
+        self.register_buffer("prompt_prefix", prefix, persistent=False)
         if variant == "prompt_learning":
             # Same scale as real token embeddings, so the frozen LLM sees in-distribution inputs.
             std = float(self.llm.input_embeddings.weight.detach().float().std())
@@ -118,8 +136,7 @@ class AULLM(nn.Module):
             self.late_fusion = prompt_fusion == "late"
             self.register_buffer("prompt_embeds", None, persistent=False)
         else:
-            # Frozen embeddings: computed once; a buffer so that it follows .to(device).
-            self.register_buffer("prompt_embeds", self.llm.embed_prompt(prompt), persistent=False)
+            self.register_buffer("prompt_embeds", text, persistent=False)
         self.head = nn.Linear(2 * d if self.late_fusion else d, num_aus)
 
     @classmethod
@@ -143,6 +160,8 @@ class AULLM(nn.Module):
             prompt=s.prompt,
             num_prompt_vectors=s.num_prompt_vectors,
             prompt_fusion=s.prompt_fusion,
+            prompt_special_tokens=s.prompt_special_tokens,
+            efp_activation=s.efp_activation,
         )
         if seed is None:
             return cls(variant, num_aus, llm, **kwargs)
@@ -160,21 +179,22 @@ class AULLM(nn.Module):
             return visual  # the no_llm projector is the AU head
         llm = self.llm
         batch = clips.shape[0]
+        prefix = self.prompt_prefix.to(llm.dtype)
         if self.prompt_vectors is not None:
-            context = self.prompt_vectors.unsqueeze(0)
+            context = self.prompt_vectors.unsqueeze(0).to(llm.dtype)
             if self.late_fusion:
                 # Static input: one LLM pass serves the whole batch.
-                h = llm.last_hidden(context).to(visual.dtype).expand(batch, -1)
+                h = llm.last_hidden(torch.cat([prefix, context], dim=1)).to(visual.dtype).expand(batch, -1)
                 return self.head(torch.cat([h, visual], dim=1))
             context = context.expand(batch, -1, -1)
         else:
-            context = self.prompt_embeds.expand(batch, -1, -1)
+            context = self.prompt_embeds.expand(batch, -1, -1).to(llm.dtype)
+        prefix = prefix.expand(batch, -1, -1)
         token = visual.unsqueeze(1).to(llm.dtype)
-        context = context.to(llm.dtype)
         if self.settings.token_position == "prepend":
-            seq = torch.cat([token, context], dim=1)
+            seq = torch.cat([prefix, token, context], dim=1)
         else:
-            seq = torch.cat([context, token], dim=1)
+            seq = torch.cat([prefix, context, token], dim=1)
         h = llm.last_hidden(seq)
         return self.head(h.to(self.head.weight.dtype))
 

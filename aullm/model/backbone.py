@@ -86,9 +86,14 @@ class VisualBackbone(nn.Module):
             raise ValueError(
                 f"VisualBackbone expects (B, {self.T}, {self.size}, {self.size}), got {tuple(clips.shape)}"
             )
-        x = self.led(clips).unsqueeze(1)  # (B, 1, T-1, H, W)
-        x = self.block1(x)
-        x = self.se(self.conv2(x))
-        f_mid = torch.flatten(self.pool2(x), 1)
-        f_high = self.high(f_mid)
+        # fp32 whatever the autocast around: the LED filter divides two sums of products
+        # of raw 0..255 pixels, which bf16 (8 bits of mantissa) rounds by ~0.4% each, far more
+        # than the subtle differences between frames it exists to amplify. The LLM is what
+        # bf16 pays for; this path is a small share of the FLOPs.
+        with torch.autocast(device_type=clips.device.type, enabled=False):
+            x = self.led(clips.float()).unsqueeze(1)  # (B, 1, T-1, H, W)
+            x = self.block1(x)
+            x = self.se(self.conv2(x))
+            f_mid = torch.flatten(self.pool2(x), 1)
+            f_high = self.high(f_mid)
         return f_mid, f_high

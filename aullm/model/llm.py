@@ -92,6 +92,21 @@ class BaseLLM(nn.Module):
         with torch.no_grad():
             return self.input_embeddings(ids.to(self.device)).detach()
 
+    def embed_prompt_parts(self, text: str, *, special_tokens: bool) -> tuple[Tensor, Tensor]:
+        """(leading special tokens (1, P, D), the rest (1, L, D)) of `text` tokenised with
+        (`special_tokens`) or without the special tokens the tokenizer adds. P is 0 for
+        tokenizers that add no BOS (Qwen2); the rest keeps any trailing special token."""
+        ids = self.tokenizer(text, add_special_tokens=special_tokens, return_tensors="pt")["input_ids"][0]
+        special = set(self.tokenizer.all_special_ids)
+        lead = 0
+        while special_tokens and lead < len(ids) and int(ids[lead]) in special:
+            lead += 1
+        if len(ids) - lead == 0:
+            raise UserInputError(f"prompt {text!r} tokenises to nothing; give a non-empty prompt")
+        with torch.no_grad():
+            emb = self.input_embeddings(ids.unsqueeze(0).to(self.device)).detach()
+        return emb[:, :lead], emb[:, lead:]
+
     def last_hidden(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Final-layer hidden state at the last (attended) position: (B, L, D) -> (B, D)."""
         out = self.model(

@@ -11,9 +11,12 @@ Each variant decides which features it reads and how it maps them:
 | `prompt_learning` | F_high           | one Linear(-> D) (no EFP; see `aullm.model.au_llm`) |
 | `no_llm`          | F_mid ++ F_high  | one Linear(-> out_dim = number of AUs): the head itself |
 
-The paper's Eq. (3) puts an activation sigma on the EFP output; DESIGN.md §4 (the
-authors' script) has none, and we follow DESIGN.md: the token is the raw second
-Linear's output, so it can take the sign and scale of real token embeddings.
+The paper's Eq. (3) puts an activation sigma on the EFP output ("a non-linear
+activation", not named); the released script has none. `activation` is that switch
+(`training.efp_activation`): the paper recipe takes tanh (it keeps the token's sign, as
+real token embeddings have, and bounds it), the script recipe none. It applies to the
+variants whose token comes from the EFP or its ablations (all, f_high, f_mid,
+efp_linear); prompt_learning has no EFP and no_llm no token.
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ _SOURCES: dict[str, FeatureSource] = {
     "no_llm": "both",
 }
 _MLP_VARIANTS = frozenset({"all", "f_high", "f_mid"})
+_EFP_VARIANTS = _MLP_VARIANTS | {"efp_linear"}
+EFP_ACTIVATIONS: dict[str, type[nn.Module] | None] = {
+    "none": None,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+}
 
 
 class FeatureProjector(nn.Module):
@@ -78,6 +89,7 @@ def make_projector(
     *,
     in_mid: int = F_MID_DIM,
     in_high: int = F_HIGH_DIM,
+    activation: str = "none",
 ) -> FeatureProjector:
     """The projector of `variant` (one of `aullm.constants.VARIANTS`).
 
@@ -91,8 +103,13 @@ def make_projector(
     source = _SOURCES[variant]
     in_dim = {"mid": in_mid, "high": in_high, "both": in_mid + in_high}[source]
     net: nn.Module
+    if activation not in EFP_ACTIVATIONS:
+        raise UserInputError(f"efp_activation {activation!r} is unknown; allowed: {', '.join(EFP_ACTIVATIONS)}")
     if variant in _MLP_VARIANTS:
         net = efp_mlp(in_dim, out_dim, dropout)
     else:
         net = nn.Linear(in_dim, out_dim)
+    act = EFP_ACTIVATIONS[activation]
+    if act is not None and variant in _EFP_VARIANTS:
+        net = nn.Sequential(net, act()) if isinstance(net, nn.Linear) else nn.Sequential(*net, act())
     return FeatureProjector(source, net, in_dim, out_dim)
