@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,10 +189,21 @@ class GroupResult:
     per_seed: dict[int, dict[str, ScoreRow]] = field(default_factory=dict)  # fractions, as metrics returns
     summary: dict[str, ProtocolSummary] = field(default_factory=dict)  # percent
     per_subject: dict[str, float] = field(default_factory=dict)  # percent, mean over seeds
+    # How the cells were trained and on what: the tables compare with the paper's figures
+    # only what was computed as the paper's were (docs/results.md).
+    recipe: str = "paper"
+    differs_from_script: tuple[str, ...] = ()  # recipe fields whose value is not the released script's
+    synthetic: bool = False  # trained and tested on `aullm-grid data synth` data
 
     @property
     def complete(self) -> bool:
         return self.status == "complete"
+
+    @property
+    def like_against_like(self) -> bool:
+        """Our paper_compatible score is computed as the paper's figures were: real data,
+        cells trained with the released script's recipe and nothing of it overridden."""
+        return self.recipe == "script" and not self.differs_from_script and not self.synthetic
 
     def missing_text(self, limit: int = 12) -> str:
         """'sub03, sub07 (seed 1); sub03 failed (seed 2)' -- the folds a reader must chase."""
@@ -235,6 +246,10 @@ class GroupResult:
                 str(seed): {proto: row.to_dict() for proto, row in rows.items()} for seed, rows in self.per_seed.items()
             },
             "per_subject_f1_percent": self.per_subject,
+            "recipe": self.recipe,
+            "differs_from_script": list(self.differs_from_script),
+            "synthetic": self.synthetic,
+            "like_against_like": self.like_against_like,
         }
 
 
@@ -353,6 +368,9 @@ def collect_groups(
     results: Mapping[str, Mapping[str, Any] | None],
     *,
     layouts: Mapping[str, str] | None = None,
+    recipe: str = "paper",
+    differs_from_script: Sequence[str] = (),
+    synthetic_datasets: Collection[str] = (),
 ) -> list[GroupResult]:
     """Group the manifest's cells, check each group is whole, and score the whole ones.
 
@@ -360,7 +378,9 @@ def collect_groups(
     payload (``status``, ``predictions``: sample_keys, subjects, aus, probs, labels), missing
     or None for cells without a result file. `layouts`: dataset name -> layout
     (``casme2``/``samm``/``4dme``) for sweeps that name their datasets differently; by
-    default a dataset's name is its layout. Groups come back sorted by key.
+    default a dataset's name is its layout. `recipe` and `differs_from_script` say how the
+    cells were trained (the manifest's resolved training settings), `synthetic_datasets`
+    which datasets are synthetic copies. Groups come back sorted by key.
     """
     layouts = dict(layouts or {})
     refs = [CellRef.from_any(c) for c in cells]
@@ -389,6 +409,9 @@ def collect_groups(
             seeds=tuple(sorted({c.seed for c in members})),
             folds=tuple(sorted({c.fold for c in members})),
             status="incomplete",
+            recipe=recipe,
+            differs_from_script=tuple(differs_from_script),
+            synthetic=any(d in synthetic_datasets for d in (first.dataset, first.train_dataset, first.test_dataset) if d),
         )
         for c in members:
             res = results.get(c.cell_id)
@@ -577,6 +600,24 @@ def _layouts(manifest: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def training_context(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """collect_groups' `recipe`, `differs_from_script` and `synthetic_datasets`, from the
+    manifest: its resolved training settings and its datasets' roots."""
+    from aullm.constants import is_synthetic_dataset
+    from aullm.recipes import RECIPE_VALUES, recorded
+
+    spec = manifest.get("spec") or {}
+    training = recorded(spec.get("training") or {})
+    differs = tuple(k for k, v in RECIPE_VALUES["script"].items() if training.get(k) != v)
+    datasets = spec.get("datasets") or {}
+    synthetic = {
+        str(name)
+        for name, cfg in (datasets.items() if isinstance(datasets, Mapping) else ())
+        if isinstance(cfg, Mapping) and cfg.get("root") and is_synthetic_dataset(cfg["root"])
+    }
+    return {"recipe": training["recipe"], "differs_from_script": differs, "synthetic_datasets": synthetic}
+
+
 # What collecting reads of a result file: the rest (350 epoch losses, timing, a failed
 # cell's traceback) is most of its bytes and is never parsed.
 RESULT_FIELDS = ("cell_id", "status", "error", "predictions", "mlflow")
@@ -672,7 +713,7 @@ def collect_sweep(
         raise UserInputError(f"collect: {sweep_dir}/manifest.json lists no cells")
     refs = [CellRef.from_any(c) for c in cells]
     results = _read_results(sweep, [r.cell_id for r in refs])
-    groups = collect_groups(refs, results, layouts=_layouts(manifest))
+    groups = collect_groups(refs, results, layouts=_layouts(manifest), **training_context(manifest))
     out_dir = Path(out) if out is not None else sweep_dir / RESULTS_DIRNAME
     title = str(manifest.get("name") or sweep_dir.name)
     from orchestrator import tables as tbl

@@ -5,9 +5,13 @@ Table 3; rows are models (or variants). Each model is a *block* of rows:
 
     ours   pooled_binary@0.5            the headline (DESIGN.md §6), mean ± std over seeds
     paper  the paper's figure           from orchestrator/data/paper_tables.yaml
-    Δ      ours − paper
     ours   paper_compatible †           the authors' leaky protocol, labelled
-    Δ †    paper_compatible − paper     like against like
+    Δ †    paper_compatible − paper     only where it is like against like: real data,
+                                        cells trained with recipe `script` (nothing overridden)
+
+There is never a "headline − paper" row: the paper's figures are not pooled binary F1,
+and a difference of two different metrics means nothing. Each table's caption names the
+recipe its cells were trained with and says when the data is synthetic.
 
 The same numbers go out as a tidy CSV (one line per model x column, with the paper's
 figure in a column beside ours), Markdown, LaTeX, and a rich terminal rendering.
@@ -29,6 +33,7 @@ import yaml
 
 from aullm.constants import DATASET_AUS
 from aullm.metrics import HEADLINE_PROTOCOL, PROTOCOLS
+from aullm.recipes import RECIPE_FIELDS
 
 from orchestrator.collect import GroupResult, Stat
 
@@ -93,6 +98,7 @@ DATASET_TITLES = {"casme2": "CASME II", "samm": "SAMM", "4dme": "4DME"}
 MISSING = "—"
 DAGGER = "†"
 HEADLINE_ROW = f"ours: {HEADLINE_PROTOCOL}"
+DELTA_ROW = f"Δ {COMPAT} − paper {DAGGER} (like against like)"
 COMPAT_ROW = f"ours: {COMPAT} {DAGGER}"
 NOTES = [
     f"ours: {HEADLINE_PROTOCOL} is the headline: the predictions of all LOSO folds pooled, binary F1 of "
@@ -101,7 +107,7 @@ NOTES = [
     f"{DAGGER} {COMPAT}: the authors' script's protocol (per AU the mean of positive- and negative-class F1, "
     "threshold chosen on the test predictions from 0.10 to 0.85). It is optimistic; it is shown only to compare "
     "like with like with the paper's figures, never as our result.",
-    "Δ: ours minus the paper's figure. — : no figure (not run, or not in the paper).",
+    "— : no figure (not run, or not in the paper).",
 ]
 
 
@@ -187,6 +193,7 @@ class Entry:
     scores: Mapping[str, Stat] = field(default_factory=dict)  # protocol -> stat
     paper: float | None = None
     group: str = ""
+    like_against_like: bool = False  # see GroupResult.like_against_like
 
     @property
     def ours(self) -> Stat | None:
@@ -196,9 +203,12 @@ class Entry:
     def compat(self) -> Stat | None:
         return self.scores.get(COMPAT)
 
-    def delta(self, protocol: str = HEADLINE_PROTOCOL) -> float | None:
-        s = self.scores.get(protocol)
-        return None if s is None or self.paper is None else s.mean - self.paper
+    def delta(self) -> float | None:
+        """paper_compatible − paper, where that compares like with like; else None."""
+        s = self.compat
+        if s is None or self.paper is None or not self.like_against_like:
+            return None
+        return s.mean - self.paper
 
 
 @dataclass
@@ -211,8 +221,9 @@ class Block:
     variant: str = ""
 
     @property
-    def has_paper(self) -> bool:
-        return any(e.paper is not None for e in self.entries.values())
+    def like_against_like(self) -> bool:
+        present = [e for e in self.entries.values() if e.status != "absent"]
+        return bool(present) and all(e.like_against_like for e in present)
 
 
 @dataclass
@@ -237,14 +248,44 @@ def _entry(group: GroupResult | None, column: str, paper: float | None) -> Entry
     if group is None:
         return Entry("absent", paper=paper)
     if not group.complete:
-        return Entry(group.status, paper=paper, group=group.key.id)
+        return Entry(group.status, paper=paper, group=group.key.id, like_against_like=group.like_against_like)
     scores: dict[str, Stat] = {}
     for proto, summ in group.summary.items():
         if column == "Avg":
             scores[proto] = summ.average
         elif _au_num(column) in summ.per_au:
             scores[proto] = summ.per_au[_au_num(column)]
-    return Entry("complete", scores, paper, group.key.id)
+    return Entry("complete", scores, paper, group.key.id, group.like_against_like)
+
+
+def caption(groups: Sequence[GroupResult]) -> tuple[str, list[str]]:
+    """(title suffix, notes) saying how a table's cells were trained and on what data,
+    and so whether its paper_compatible rows compare like with like."""
+    recipes = sorted({g.recipe for g in groups})
+    differing = {f for g in groups for f in g.differs_from_script}
+    differs = [f for f in RECIPE_FIELDS if f in differing]  # the recipe table's order
+    synthetic = any(g.synthetic for g in groups)
+    parts = [f"recipe: {', '.join(recipes)}"] + (["synthetic data"] if synthetic else [])
+    notes = []
+    if synthetic:
+        notes.append("Synthetic data (aullm-grid data synth): these numbers are about the pipeline, not the "
+                     "science; no Δ against the paper is shown.")  # fmt: skip
+    if groups and all(g.like_against_like for g in groups):
+        notes.append(f"Recipe script (everything the released script does): {COMPAT} {DAGGER} is computed as "
+                     "the paper's figures were, so its Δ against them is like against like.")  # fmt: skip
+    elif not synthetic:
+        what = ", ".join(differs) if differs else "nothing but the recipe's name"
+        notes.append(f"Recipe {', '.join(recipes)}: these cells differ from the released script's recipe in "
+                     f"{what} (docs/results.md), so {COMPAT} {DAGGER} is not like against like with the paper's "
+                     "figures and no Δ is shown.")  # fmt: skip
+    return " [" + "; ".join(parts) + "]", notes
+
+
+def _captioned(table: Table, groups: Sequence[GroupResult]) -> Table:
+    suffix, notes = caption(groups)
+    table.title += suffix
+    table.notes = notes + table.notes
+    return table
 
 
 def _seeds_text(g: GroupResult) -> str:
@@ -430,24 +471,24 @@ def build_tables(groups: Sequence[GroupResult], paper: PaperTables | None = None
     for layout in ("casme2", "samm"):
         gs = [g for g in loso if g.layout == layout and g.key.variant in ("all", BASELINE_VARIANT)]
         if gs:
-            tables.append(_per_au_table(layout, gs, paper))
+            tables.append(_captioned(_per_au_table(layout, gs, paper), gs))
             shown.update(g.key.id for g in gs)
     t3 = [g for g in loso if g.layout in ("casme2", "samm")]
     if any(g.key.variant not in ("all", BASELINE_VARIANT) for g in t3):
-        tables.append(_table3(t3, paper))
+        tables.append(_captioned(_table3(t3, paper), t3))
         shown.update(g.key.id for g in t3 if g.key.variant not in ("all", BASELINE_VARIANT))
     if cross:
-        tables.append(_table4(cross, paper))
+        tables.append(_captioned(_table4(cross, paper), cross))
         shown.update(g.key.id for g in cross)
     gs = [g for g in loso if g.layout == "4dme" and g.key.variant in ("all", BASELINE_VARIANT)]
     if gs:
-        tables.append(_per_au_table("4dme", gs, paper))
+        tables.append(_captioned(_per_au_table("4dme", gs, paper), gs))
         shown.update(g.key.id for g in gs)
     # Table 3 shows ablations only as averages: their per-AU numbers, and any dataset the
     # paper has no table for, go here.
     rest = [g for g in groups if g.key.id not in shown or (g.key.kind == "loso" and g.key.variant not in ("all", BASELINE_VARIANT))]
     if rest:
-        tables.append(_extra_table(rest))
+        tables.append(_captioned(_extra_table(rest), rest))
     return tables
 
 
@@ -474,13 +515,13 @@ def _status_cell(e: Entry) -> str | None:
 
 @dataclass(frozen=True)
 class RenderRow:
-    kind: str  # ours | paper | delta | compat | delta_compat
+    kind: str  # ours | paper | compat | delta
     model: str  # first column (label on the first row of a block, detail on the second)
     what: str  # second column
     cells: list[str]
 
 
-def block_rows(block: Block, columns: Sequence[str], *, compact: bool = False) -> list[RenderRow]:
+def block_rows(block: Block, columns: Sequence[str]) -> list[RenderRow]:
     """The rows of one block, in the order of the module docstring."""
     es = [block.entries.get(c, Entry("absent")) for c in columns]
 
@@ -492,11 +533,11 @@ def block_rows(block: Block, columns: Sequence[str], *, compact: bool = False) -
     rows: list[tuple[str, str, list[str]]] = [
         ("ours", HEADLINE_ROW, ours(HEADLINE_PROTOCOL)),
         ("paper", f"paper: {block.paper_label}" if block.paper_label else "paper", [fmt_num(e.paper) for e in es]),
-        ("delta", "Δ ours − paper", [fmt_delta(e.delta()) for e in es]),
         ("compat", COMPAT_ROW, ours(COMPAT)),
     ]
-    if not compact:
-        rows.append(("delta_compat", f"Δ {COMPAT} − paper {DAGGER}", [fmt_delta(e.delta(COMPAT)) for e in es]))
+    # The one difference that means something, and only where it compares like with like.
+    if block.like_against_like:
+        rows.append(("delta", DELTA_ROW, [fmt_delta(e.delta()) for e in es]))
     labels = [block.label, block.detail]
     return [RenderRow(k, labels[i] if i < 2 else "", what, cells) for i, (k, what, cells) in enumerate(rows)]
 
@@ -537,7 +578,7 @@ def _md(s: str) -> str:
 CSV_FIELDS = [
     "table", "section", "model", "detail", "group", "llm", "variant", "column", "status",
     "ours_mean", "ours_std", "n_seeds", "paper_compatible_mean", "paper_compatible_std",
-    "per_fold_mean_mean", "per_fold_mean_std", "paper", "paper_row", "delta", "delta_paper_compatible",
+    "per_fold_mean_mean", "per_fold_mean_std", "paper", "paper_row", "delta_paper_compatible", "like_against_like",
 ]  # fmt: skip
 
 
@@ -563,7 +604,7 @@ def table_records(table: Table) -> list[dict[str, str]]:
                     "paper_compatible_std": _f(compat.std if compat else None),
                     "per_fold_mean_mean": _f(pf.mean if pf else None), "per_fold_mean_std": _f(pf.std if pf else None),
                     "paper": _f(e.paper), "paper_row": block.paper_label if e.paper is not None else "",
-                    "delta": _f(e.delta()), "delta_paper_compatible": _f(e.delta(COMPAT)),
+                    "delta_paper_compatible": _f(e.delta()), "like_against_like": str(e.like_against_like).lower(),
                 })  # fmt: skip
     return recs
 
@@ -658,7 +699,7 @@ def document_markdown(tables: Sequence[Table], groups: Sequence[GroupResult], *,
 # --------------------------------------------------------------------------- terminal
 
 
-_ROW_STYLES = {"ours": "bold", "paper": "dim", "delta": "", "compat": "italic", "delta_compat": "dim italic"}
+_ROW_STYLES = {"ours": "bold", "paper": "dim", "compat": "italic", "delta": "dim italic"}
 
 
 def _delta_style(cell: str) -> str:
@@ -690,7 +731,7 @@ def print_terminal(groups: Sequence[GroupResult], *, console: Any = None, title:
             for c in s.columns:
                 rt.add_column(c, justify="right", no_wrap=True)
             for block in s.blocks:
-                rows = block_rows(block, s.columns, compact=True)
+                rows = block_rows(block, s.columns)
                 for i, r in enumerate(rows):
                     cells = [f"[{_delta_style(c)}]{c}[/]" if r.kind == "delta" and _delta_style(c) else escape(c)
                              for c in r.cells]  # fmt: skip

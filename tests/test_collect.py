@@ -186,9 +186,13 @@ def grid() -> tuple[list[Cell], dict[str, dict[str, Any]]]:
     return hand_grid()
 
 
-def test_every_table_cell_matches_the_hand_computation(grid: tuple[list[Cell], dict]) -> None:
+@pytest.mark.parametrize("recipe", ["paper", "script"])
+def test_every_table_cell_matches_the_hand_computation(grid: tuple[list[Cell], dict], recipe: str) -> None:
+    """Every number of every table, under both recipes: a Δ against the paper exists only
+    for cells trained with the script's recipe, and it is paper_compatible − paper."""
     cells, results = grid
-    groups = collect_groups(cells, results)
+    differs = () if recipe == "script" else ("token_position",)
+    groups = collect_groups(cells, results, recipe=recipe, differs_from_script=differs)
     tables = build_tables(groups, load_paper_tables())
     assert [t.key for t in tables] == ["table2_samm", "table3_ablation", "table4_cross_domain", "table_other_per_au"]
     seen: set[tuple[str, str, str]] = set()
@@ -211,11 +215,10 @@ def test_every_table_cell_matches_the_hand_computation(grid: tuple[list[Cell], d
                         continue
                     assert (e.ours.mean, e.ours.std) == pytest.approx(ours, abs=1e-9), where
                     assert (e.compat.mean, e.compat.std) == pytest.approx(compat, abs=1e-9), where
-                    if paper is None:
+                    if paper is None or recipe == "paper":
                         assert e.delta() is None, where
                     else:
-                        assert e.delta() == pytest.approx(ours[0] - paper), where
-                        assert e.delta("paper_compatible") == pytest.approx(compat[0] - paper), where
+                        assert e.delta() == pytest.approx(compat[0] - paper), where
     assert seen == set(EXPECTED), f"blocks not rendered: {set(EXPECTED) - seen}"
 
 
@@ -251,29 +254,55 @@ def test_group_with_missing_and_failed_folds_is_incomplete_and_not_averaged(grid
 
 
 def test_rendered_markdown_rows(grid: tuple[list[Cell], dict]) -> None:
+    """Recipe script on real data: ours, the paper, paper_compatible and its Δ, the one
+    difference that compares like with like."""
     cells, results = grid
-    groups = collect_groups(cells, results)
-    md = to_markdown(build_tables(groups)[0], groups).splitlines()
+    groups = collect_groups(cells, results, recipe="script")
+    table = build_tables(groups)[0]
+    assert table.title.endswith("[recipe: script]")
+    md = to_markdown(table, groups).splitlines()
     i = md.index(next(line for line in md if line.startswith("| **AU-Qwen2-1.5B**")))
     assert md[i] == ("| **AU-Qwen2-1.5B** | **ours: pooled_binary@0.5** | **75.0 ± 35.4** | **83.3 ± 23.6** | "
                      "**50.0 ± 70.7** | **73.3 ± 9.4** | **70.4 ± 18.3** |")  # fmt: skip
     assert md[i + 1] == "| qwen2-1.5b · all · 2 seeds | paper: AU-Qwen2-1.5B | 63.6 | 65.2 | 49.2 | 53.7 | 57.9 |"
-    assert md[i + 2] == "|  | Δ ours − paper | +11.4 | +18.1 | +0.8 | +19.6 | +12.5 |"
+    assert md[i + 2].startswith("|  | ours: paper_compatible † | 86.7 ± 18.9 | 86.7 ± 18.9 | 86.7 ± 18.9 | 75.0 ± 35.4 | ")
     # (the Avg column, 83.75 and +25.85, sits on a rounding edge: checked in numbers above)
-    assert md[i + 3].startswith("|  | ours: paper_compatible † | 86.7 ± 18.9 | 86.7 ± 18.9 | 86.7 ± 18.9 | 75.0 ± 35.4 | ")
-    assert md[i + 4].startswith("|  | Δ paper_compatible − paper † | +23.1 | +21.5 | +37.5 | +21.3 | ")
+    assert md[i + 3].startswith("|  | Δ paper_compatible − paper † (like against like) | +23.1 | +21.5 | +37.5 | +21.3 | ")
+    assert not any("Δ ours" in line for line in md)  # never headline minus the paper's (another metric)
     base = md.index(next(line for line in md if line.startswith("| **LED baseline (no LLM)**")))
     # one seed: no ± ; the paper's row is SSSNet-LED, labelled as the LED-family baseline
     assert md[base].endswith("| **100.0** | **100.0** | **0.0** | **100.0** | **75.0** |")
     assert "paper: SSSNet-LED (LED-family baseline)" in md[base + 1]
-    assert md[base + 2] == "|  | Δ ours − paper | +38.5 | +37.6 | -45.2 | +52.2 | +20.8 |"
     tiny = md.index(next(line for line in md if line.startswith("| **AU-tiny-qwen2**")))
     assert md[tiny + 1].endswith("| paper | — | — | — | — | — |")  # an LLM the paper did not run
+    assert any("like against like" in line and "Recipe script" in line for line in md)
+
+
+@pytest.mark.parametrize("recipe, synthetic", [("paper", False), ("script", True), ("paper", True)])
+def test_no_delta_unless_like_against_like(grid: tuple[list[Cell], dict], recipe: str, synthetic: bool) -> None:
+    """The paper recipe, or synthetic data: no Δ row anywhere, and the caption says why."""
+    cells, results = grid
+    differs = () if recipe == "script" else ("token_position", "batchnorm_stats")
+    groups = collect_groups(cells, results, recipe=recipe, differs_from_script=differs,
+                            synthetic_datasets={"samm"} if synthetic else set())  # fmt: skip
+    tables = build_tables(groups)
+    for table in tables:
+        md = to_markdown(table, groups)
+        assert not any("| Δ" in line for line in md.splitlines()), table.key  # no Δ row
+        assert f"[recipe: {recipe}" in table.title
+        assert ("synthetic data" in table.title) == synthetic
+        assert all(not e.like_against_like and e.delta() is None
+                   for s in table.sections for b in s.blocks for e in b.entries.values())  # fmt: skip
+    notes = " ".join(tables[0].notes)
+    if synthetic:
+        assert "Synthetic data" in notes and "no Δ against the paper" in notes
+    else:
+        assert "token_position, batchnorm_stats" in notes and "not like against like" in notes
 
 
 def test_written_csv_holds_the_hand_numbers(grid: tuple[list[Cell], dict], tmp_path: Path) -> None:
     cells, results = grid
-    groups = collect_groups(cells, results)
+    groups = collect_groups(cells, results, recipe="script")
     files = write_outputs(groups, tmp_path / "out", title="hand", plots=False)
     names = {f.name for f in files}
     for stem in ("table2_samm", "table3_ablation", "table4_cross_domain", "table_other_per_au"):
@@ -290,10 +319,11 @@ def test_written_csv_holds_the_hand_numbers(grid: tuple[list[Cell], dict], tmp_p
         assert float(r["ours_std"]) == pytest.approx(A_OURS[col][1], abs=1e-4)
         assert float(r["paper_compatible_mean"]) == pytest.approx(A_COMPAT[col][0], abs=1e-4)
         assert float(r["paper"]) == pytest.approx(PAPER_QWEN2_SAMM[col])
-        assert float(r["delta"]) == pytest.approx(A_OURS[col][0] - PAPER_QWEN2_SAMM[col], abs=1e-4)
+        assert float(r["delta_paper_compatible"]) == pytest.approx(A_COMPAT[col][0] - PAPER_QWEN2_SAMM[col], abs=1e-4)
+        assert r["like_against_like"] == "true"
         assert r["n_seeds"] == "2" and r["status"] == "complete" and r["group"] == "samm/qwen2-1.5b/all"
         inc = by[("AU-Qwen2.5-1.5B", col)]
-        assert inc["status"] == "incomplete" and inc["ours_mean"] == "" and inc["delta"] == ""
+        assert inc["status"] == "incomplete" and inc["ours_mean"] == "" and inc["delta_paper_compatible"] == ""
         assert float(inc["paper"]) == pytest.approx(PAPER_QWEN25_SAMM[col])
         assert by[("AU-tiny-qwen2", col)]["paper"] == ""
     assert float(by[("AU-Qwen2-1.5B", "AU4")]["per_fold_mean_mean"]) == pytest.approx(500 / 12, abs=1e-4)
