@@ -17,6 +17,9 @@ For each: seconds per step, seconds per 350-step cell (the paper's epochs, one f
 batch each), samples/s, peak GPU memory, and model FLOPs utilisation (FLOPs counted by
 torch.utils.flop_counter over one real step, divided by step time and the GPU's dense
 peak). Targets from issue 6: a cell <= 20 s of training on an H100, MFU >= 35%.
+Then it trains one short cell twice, with fresh trainers, through `CellTrainer.run`
+(deterministic cuDNN/cuBLAS settings, seeded) and exits non-zero unless the two runs
+predict bit-identical probabilities.
 
     python bench/bench_gpu_step.py --device cuda                # the real thing
     python bench/bench_gpu_step.py --device cpu --shape tiny    # smoke test of the script
@@ -195,6 +198,27 @@ def run_mode(mode: str, model_dir: Path, args: argparse.Namespace) -> ModeResult
     )
 
 
+def check_determinism(model_dir: Path, work: Path, epochs: int) -> tuple[bool, float]:
+    """Two fresh trainers run the same short cell (`all`, the paper recipe: bf16 on a GPU,
+    deterministic kernels) through `CellTrainer.run`; (bit-identical?, largest |diff|)."""
+    import numpy as np
+
+    from aullm.constants import DATASET_AUS
+    from aullm.data.clips import ClipStore
+    from aullm.data.folds import loso_split, loso_subjects
+    from aullm.data.readers import read_dataset
+    from aullm.data.synth import write_synthetic
+    from aullm.train import CellTrainer, TrainConfig
+
+    root = write_synthetic("casme2", work / "casme2", subjects=3, seed=0, clips_per_subject=4)
+    samples = read_dataset("casme2", root)
+    store = ClipStore.load(samples, work / "cache")
+    split = loso_split(samples, loso_subjects(samples)[0], DATASET_AUS["casme2"])
+    config = TrainConfig(epochs=epochs)
+    probs = [CellTrainer(model_dir, config).run(split, store, "all", 1, config).probs for _ in range(2)]
+    return bool(np.array_equal(probs[0], probs[1])), float(np.abs(probs[0] - probs[1]).max())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -205,6 +229,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak, if not an H100/H200")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--determinism-epochs", type=int, default=5,
+                        help="epochs of the short cell trained twice to check bit-identical predictions (0: skip)")
     args = parser.parse_args()
 
     import torch
@@ -225,6 +251,9 @@ def main() -> None:
                                           error=f"{type(exc).__name__}: {exc}"[:300]))
             r = results[-1]
             print(f"  {mode:14s} done" + (f" ({r.error})" if r.error else ""), flush=True)
+        deterministic = None
+        if args.determinism_epochs > 0:
+            deterministic = check_determinism(model_dir, work, args.determinism_epochs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -244,9 +273,16 @@ def main() -> None:
         ratio = f"{r.step_seconds / base.step_seconds:7.2f}x" if base else f"{'-':>8s}"
         print(f"{r.mode:14s} {r.step_seconds:8.4f} {r.cell_train_seconds:11.1f} {r.samples_per_second:10.0f} "
               f"{mem} {r.tflops_per_step:10.2f} {r.achieved_tflops:8.1f} {mfu} {ratio}")
+    if deterministic is not None:
+        same, diff = deterministic
+        print(f"\ndeterminism: two fresh {args.determinism_epochs}-epoch cells give "
+              f"{'bit-identical' if same else 'DIFFERENT'} predictions (largest difference {diff:.3g})")
     if args.json:
         args.json.write_text(json.dumps({"device": device_name, "shape": args.shape, "batch": args.batch,
-                                         "results": [asdict(r) for r in results]}, indent=2))
+                                         "results": [asdict(r) for r in results],
+                                         "deterministic": deterministic}, indent=2))
+    if deterministic is not None and not deterministic[0]:
+        raise SystemExit("determinism check failed: two fresh runs of one cell differ")
 
 
 if __name__ == "__main__":

@@ -82,26 +82,89 @@ def test_learns_synthetic_au_motion_better_than_controls(casme2_many_subjects, t
     assert f1_real > f1_shuffled + 0.10
 
 
+# Cells of the packing tests: `<subject index>:<variant>:<seed>`. Each packed order trains
+# the same variant second (all -> all), a different one before `all` (f_mid -> all) and
+# prompt_learning (early fusion) after `all`; the second order reverses the first, so
+# each transition is also taken the other way round. A crash mid-training then precedes
+# a last cell, which must still equal its fresh run.
+_PACK = ["0:all:1", "1:all:2", "2:f_mid:3", "3:all:4", "4:prompt_learning:5"]
+_FAILING, _AFTER_FAILURE = "5:all:6:fail@1", "0:all:7"
+PACKING_EPOCHS = "2"
+
+
+def _run_pack_processes(jobs: list[tuple[Path, list[str]]], root: Path, cache: Path, llm: Path) -> dict:
+    """Each job in its own process (two at a time): {out: {cell: array}}."""
+    running: list[tuple[Path, subprocess.Popen]] = []
+    results: dict[Path, dict[str, np.ndarray]] = {}
+    pending = list(jobs)
+    while pending or running:
+        while pending and len(running) < 2:
+            out, args = pending.pop(0)
+            cmd = [sys.executable, str(REPO / "tests" / "train_cells_script.py"), str(root), str(cache), str(llm),
+                   str(out), PACKING_EPOCHS, *args]  # fmt: skip
+            running.append((out, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
+        out, proc = running.pop(0)
+        log = proc.communicate(timeout=600)[0].decode(errors="replace")
+        assert proc.returncode == 0, log[-3000:]
+        results[out] = dict(np.load(out))
+    return results
+
+
+@pytest.fixture(scope="module")
+def packing_runs(tmp_path_factory: pytest.TempPathFactory, tiny_llm: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Fresh processes (one cell each), the two packed orders, and the mutated pack."""
+    from aullm.data.synth import write_synthetic
+
+    tmp = tmp_path_factory.mktemp("packing")
+    root = write_synthetic("casme2", tmp / "casme2", subjects=6, seed=0, clips_per_subject=3)
+    subjects = loso_subjects(read_dataset("casme2", root))
+
+    def spec(cell: str) -> str:
+        i, rest = cell.split(":", 1)
+        return f"{subjects[int(i)]}:{rest}"
+
+    order1 = [spec(c) for c in [*_PACK, _FAILING, _AFTER_FAILURE]]
+    order2 = [spec(c) for c in [*reversed(_PACK), _FAILING, _AFTER_FAILURE]]
+    fresh_cells = [spec(c) for c in [*_PACK, _AFTER_FAILURE]]
+    jobs = [(tmp / "packed1.npz", order1), (tmp / "packed2.npz", order2),
+            (tmp / "mutated.npz", ["--no-adapter-reset", *order1[:2]])]  # fmt: skip
+    jobs += [(tmp / f"fresh{i}.npz", [c]) for i, c in enumerate(fresh_cells)]
+    out = _run_pack_processes(jobs, root, tmp / "cache", tiny_llm)
+    fresh: dict[str, np.ndarray] = {}
+    for i in range(len(fresh_cells)):
+        fresh.update(out[tmp / f"fresh{i}.npz"])
+    return {"fresh": fresh, "packed1": out[tmp / "packed1.npz"], "packed2": out[tmp / "packed2.npz"],
+            "mutated": out[tmp / "mutated.npz"], "cells": fresh_cells, "failing": spec(_FAILING)}  # fmt: skip
+
+
+def _differences(packed: dict[str, np.ndarray], fresh: dict[str, np.ndarray], cells: list[str]) -> list[str]:
+    """The cells whose packed predictions or losses are not bit-identical to their fresh run."""
+    return [c for c in cells if c in packed
+            and not (np.array_equal(packed[c], fresh[c]) and np.array_equal(packed[c + ":losses"], fresh[c + ":losses"]))]
+
+
 @pytest.mark.slow
-def test_packed_cells_equal_fresh_processes(casme2_small, tiny_llm, tmp_path):
-    """Two cells after one LLM load give the same predictions as each in a fresh process."""
-    subjects = loso_subjects(read_dataset("casme2", casme2_small))
-    cells = [f"{subjects[0]}:all:1", f"{subjects[1]}:prompt_learning:2"]
-    cache = tmp_path / "cache"
+def test_packed_cells_equal_fresh_processes_bit_for_bit(packing_runs) -> None:
+    """Packing changes nothing, in either order, whatever trained before (the same variant,
+    another one, prompt_learning, or a cell that crashed mid-training): every packed cell's
+    losses and test probabilities are bit-identical to the same cell in a fresh process
+    (CPU, fp32)."""
+    fresh, cells = packing_runs["fresh"], packing_runs["cells"]
+    for order in ("packed1", "packed2"):
+        packed = packing_runs[order]
+        assert set(cells) <= set(packed), order
+        assert _differences(packed, fresh, cells) == [], order
+        failing = packing_runs["failing"]
+        assert failing not in packed  # it did crash, and the pack went on
+        assert not bool(packed[failing + ":alive_after_next"]), "the crashed cell's model lived on into the next cell"
 
-    def run(out: Path, *specs: str) -> dict[str, np.ndarray]:
-        cmd = [sys.executable, str(REPO / "tests" / "train_cells_script.py"), str(casme2_small), str(cache),
-               str(tiny_llm), str(out), "3", *specs]
-        subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
-        return dict(np.load(out))
 
-    packed = run(tmp_path / "packed.npz", *cells)
-    for i, spec in enumerate(cells):
-        fresh = run(tmp_path / f"fresh{i}.npz", spec)
-        np.testing.assert_array_equal(packed[spec], fresh[spec])
-        np.testing.assert_array_equal(packed[spec + ":losses"], fresh[spec + ":losses"])
-    # and the two cells really differ (the comparison above could not pass vacuously)
-    assert not np.array_equal(packed[cells[0]][:1], packed[cells[1]][:1])
+@pytest.mark.slow
+def test_packing_test_catches_adapters_that_are_not_reset(packing_runs) -> None:
+    """Mutation check: with the LoRA reset disabled (test-only hook), the second cell of a
+    pack starts from the first cell's adapters, and the comparison above sees it."""
+    mutated, fresh, cells = packing_runs["mutated"], packing_runs["fresh"], packing_runs["cells"]
+    assert _differences(mutated, fresh, cells[1:2]) == [cells[1]]
 
 
 def test_preempted_cell_resumes_where_it_stopped(casme2_store, tiny_llm, tmp_path):
@@ -212,3 +275,55 @@ def test_unknown_variant_is_a_user_error(casme2_store):
     split = loso_split(samples, loso_subjects(samples)[0], AUS)
     with pytest.raises(UserInputError, match="allowed"):
         CellTrainer(None, TrainConfig(epochs=1)).run(split, store, "f_low", 1)
+
+
+def test_cuda_determinism_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA a cell asks for deterministic kernels (cuDNN without autotuning, as the
+    script, and deterministic algorithms with a fixed cuBLAS workspace); on the CPU it
+    changes nothing. The flags are process-wide, so they are restored afterwards."""
+    import torch
+
+    from aullm.train import CUBLAS_WORKSPACE, configure_determinism
+
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+              torch.are_deterministic_algorithms_enabled())  # fmt: skip
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        configure_determinism("cpu")
+        assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+                torch.are_deterministic_algorithms_enabled()) == before  # fmt: skip
+        configure_determinism("cuda")
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.are_deterministic_algorithms_enabled()
+        import os
+
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[0], before[1]
+        torch.use_deterministic_algorithms(before[2])
+
+
+def test_recipes_resolve_unset_fields_and_yield_to_explicit_ones() -> None:
+    from aullm.recipes import RECIPE_VALUES, SCRIPT_PROMPT
+
+    paper, script = TrainConfig(), TrainConfig(recipe="script")
+    for field, value in RECIPE_VALUES["paper"].items():
+        assert getattr(paper, field) == value, field
+    for field, value in RECIPE_VALUES["script"].items():
+        assert getattr(script, field) == value, field
+    assert script.prompt == SCRIPT_PROMPT and script.token_position == "append" and script.loss_reduction == "sum"
+    mixed = TrainConfig.from_dict({"recipe": "script", "token_position": "prepend", "batchnorm_stats": "recompute"})
+    assert (mixed.token_position, mixed.batchnorm_stats, mixed.asl_form) == ("prepend", "recompute", "script")
+    with pytest.raises(UserInputError, match="field 'recipe'.*paper, script"):
+        TrainConfig.from_dict({"recipe": "released"})
+
+
+def test_script_recipe_trains_a_cell(casme2_store, tiny_llm) -> None:
+    """The whole script recipe (appended token, its Chinese prompt, running BatchNorm
+    statistics, its ASL gradient summed, no EFP activation) trains and predicts."""
+    samples, store = casme2_store
+    split = loso_split(samples, loso_subjects(samples)[0], AUS)
+    config = TrainConfig(recipe="script", epochs=2, lr=1e-3)
+    result = CellTrainer(tiny_llm, config).run(split, store, "all", 1, config)
+    assert result.probs.shape == (len(split.test), len(AUS)) and np.isfinite(result.probs).all()
+    assert len(result.epoch_losses) == 2 and all(np.isfinite(result.epoch_losses))
