@@ -267,17 +267,19 @@ def caption(groups: Sequence[GroupResult]) -> tuple[str, list[str]]:
     synthetic = any(g.synthetic for g in groups)
     parts = [f"recipe: {', '.join(recipes)}"] + (["synthetic data"] if synthetic else [])
     notes = []
-    if synthetic:
-        notes.append("Synthetic data (aullm-grid data synth): these numbers are about the pipeline, not the "
-                     "science; no Δ against the paper is shown.")  # fmt: skip
-    if groups and all(g.like_against_like for g in groups):
-        notes.append(f"Recipe script (everything the released script does): {COMPAT} {DAGGER} is computed as "
-                     "the paper's figures were, so its Δ against them is like against like.")  # fmt: skip
-    elif not synthetic:
+    if groups and all(g.recipe == "script" and not g.differs_from_script for g in groups):
+        tail = ("but the data is synthetic, so no Δ is shown" if synthetic
+                else "so its Δ against them is shown")  # fmt: skip
+        notes.append(f"Recipe script (everything the released script does): {COMPAT} {DAGGER} is computed "
+                     f"like against like with the paper's figures (same recipe, same protocol); {tail}.")  # fmt: skip
+    else:
         what = ", ".join(differs) if differs else "nothing but the recipe's name"
         notes.append(f"Recipe {', '.join(recipes)}: these cells differ from the released script's recipe in "
                      f"{what} (docs/results.md), so {COMPAT} {DAGGER} is not like against like with the paper's "
                      "figures and no Δ is shown.")  # fmt: skip
+    if synthetic:
+        notes.append("Synthetic data (aullm-grid data synth): these numbers are about the pipeline, not the "
+                     "science; no Δ against the paper is shown.")  # fmt: skip
     return " [" + "; ".join(parts) + "]", notes
 
 
