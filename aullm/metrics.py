@@ -10,7 +10,7 @@
   hold a handful of clips, so many folds have no positive of an AU and score 0 there
   (zero_division=0): this number is systematically different from the pooled one.
 
-Pure numpy + scikit-learn: `orchestrator.collect` scores without importing torch.
+Pure numpy + scikit-learn: `orchestrator.results.collect` scores without importing torch.
 F1 is computed from confusion counts with numpy (vectorised over thresholds); the
 tests check it against `sklearn.metrics.f1_score`.
 """

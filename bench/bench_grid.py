@@ -21,7 +21,7 @@ the parents).
 Each command runs as a fresh process, as a user types it, several times (the median and
 the fastest are printed; the first `status` of a state is shown apart: it reads every
 result file that its index does not know yet). Scheduler calls are counted inside the
-process by orchestrator.scheduler. Run with the dev cluster up (`slurm/dev/up.sh`) so the
+process by orchestrator.state.scheduler. Run with the dev cluster up (`slurm/dev/up.sh`) so the
 calls are real; without Slurm, `status` reports the scheduler unreachable.
 
 Bytecode: commands run with a bytecode cache (PYTHONPYCACHEPREFIX in the work folder,
@@ -81,7 +81,7 @@ def build(work: Path) -> Path:
 
 COUNTING = textwrap.dedent(
     """
-    import sys, atexit, orchestrator.scheduler as s
+    import sys, atexit, orchestrator.state.scheduler as s
     calls = []
     real = s._run
     def counted(cmd, *a, **k):
@@ -161,7 +161,7 @@ class CellRuns:
     def __init__(self, spec: Any, sweep: Any, cells: list[Any]) -> None:
         from mlflow import MlflowClient
 
-        from orchestrator import tracking
+        from orchestrator.tracking import store as tracking
 
         self.cfg = sweep.tracking_config()
         self.exp_id = tracking.prepare_store(self.cfg, sweep.path)
@@ -174,7 +174,7 @@ class CellRuns:
     def log(self, cell: Any) -> dict[str, Any]:
         from mlflow.entities import Metric, Param
 
-        from orchestrator import tracking
+        from orchestrator.tracking import store as tracking
 
         parent = self.parents[cell.group_id]
         tags = {**cell.tags(self.name), tracking.TAG_CELL: cell.cell_id, tracking.TAG_SWEEP_UID: self.uid,
@@ -191,7 +191,7 @@ def fake_submission(sweep_file: Path, *, which: str, cell_runs: bool) -> tuple[P
     """Manifest, one submission record and results (and their MLflow runs), as after a real submit.
 
     which='half': results for every other cell (first call); 'rest': for the others."""
-    from orchestrator.cells import pack
+    from orchestrator.sweep.cells import pack
     from orchestrator.cli import prepare
     from orchestrator.ledger import SweepDir
 
@@ -263,9 +263,9 @@ def main() -> None:
         envs["baseline"] = ({**base_env, "PYTHONPATH": str(args.baseline.resolve())}, args.baseline.resolve())
     t0 = time.perf_counter()
     sweep_file = build(work)
-    warm = "import orchestrator.cli, orchestrator.status, orchestrator.spec, orchestrator.submit, orchestrator.collect"
+    warm = "import orchestrator.cli, orchestrator.state.status, orchestrator.sweep.spec, orchestrator.launch.submit, orchestrator.results.collect"
     for env, cwd in envs.values():  # compile every module once into the bytecode cache
-        subprocess.run([sys.executable, "-c", warm + ", orchestrator.tables, orchestrator.summary_runs"],
+        subprocess.run([sys.executable, "-c", warm + ", orchestrator.results.tables, orchestrator.results.summary_runs"],
                        env=env, cwd=cwd, check=True)  # fmt: skip
     load = os.getloadavg()
     print(f"built synthetic sheets and model folders in {time.perf_counter() - t0:.1f} s ({work}); "

@@ -104,8 +104,8 @@ def build_sweep(work: Path, name: str, *, subjects: int, epochs: int) -> tuple[P
 
     from orchestrator.cli import prepare
     from orchestrator.ledger import SweepDir
-    from orchestrator.submit import preflight_datasets
-    from orchestrator.tracking import ensure_group_runs, prepare_store
+    from orchestrator.launch.submit import preflight_datasets
+    from orchestrator.tracking.store import ensure_group_runs, prepare_store
 
     sweep_file = work / f"{name}.yaml"
     sweep_file.write_text(yaml.safe_dump({

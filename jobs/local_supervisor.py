@@ -53,7 +53,7 @@ def supervise(sweep_dir: Path, batch_file: Path) -> int:
             else:
                 still.append((index, job))
         running = still
-    from orchestrator.collect import collect_job
+    from orchestrator.results.collect import collect_job
 
     try:
         collect_job(str(sweep_dir))

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.process_group import TaskProcesses, join_task_processes
-from orchestrator.cells import Cell
+from orchestrator.sweep.cells import Cell
 from orchestrator.ledger import SweepDir
 
 # A cell that failed this many times (across requeues and retries) is not tried again
@@ -224,7 +224,7 @@ def _claim(sweep: SweepDir, cell: Cell, processes: TaskProcesses) -> int | str:
 def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict[str, str]:
     from aullm.recipes import recorded
     from aullm.train import CellTrainer, Preempted, TrainConfig
-    from orchestrator.tracking import CellRunLogger
+    from orchestrator.tracking.store import CellRunLogger
 
     processes = report.processes
     main = processes.is_main

@@ -63,8 +63,8 @@ def prepare(sweep_file: str) -> tuple[Any, dict[str, list[str]], list[Any]]:
     Everything that can be wrong with the user's input is found here, before any
     command writes to the sweep directory or talks to a scheduler.
     """
-    from orchestrator.cells import expand
-    from orchestrator.spec import load_sweep, validate_paths
+    from orchestrator.sweep.cells import expand
+    from orchestrator.sweep.spec import load_sweep, validate_paths
 
     spec = load_sweep(sweep_file)
     subjects = validate_paths(spec)
@@ -99,10 +99,10 @@ def _print_json(payload: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from orchestrator.cells import pack
+    from orchestrator.sweep.cells import pack
 
     spec, subjects, cells = prepare(args.sweep)
-    from orchestrator.submit import preflight_datasets
+    from orchestrator.launch.submit import preflight_datasets
 
     # decode every frame once (in memory): a corrupt JPEG costs seconds here, not a GPU task
     preflight_datasets(spec, cells, write_cache=False)
@@ -140,12 +140,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     spec, _subjects, cells = prepare(args.sweep)
     sweep = SweepDir(spec.output_dir)
     check_compatible(spec, sweep)
-    submit_sweep = _optional("orchestrator.submit", "submit_sweep")
+    submit_sweep = _optional("orchestrator.launch.submit", "submit_sweep")
     if submit_sweep is not None:
         # submit_sweep owns the sweep directory: it writes the manifest under the lock.
         result = submit_sweep(spec, sweep, cells, dry_run=args.dry_run)
     elif args.dry_run:
-        from orchestrator.cells import submission_plan
+        from orchestrator.sweep.cells import submission_plan
 
         done = sweep.done_cell_ids() & {c.cell_id for c in cells}
         result = {"dry_run": True, **submission_plan(spec, [c for c in cells if c.cell_id not in done], skipped_done=len(done))}
@@ -154,7 +154,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         result["cell_ids"] = [c.cell_id for c in cells]
     else:
         raise NotImplementedError(
-            "real submission is not available in this installation (orchestrator.submit.submit_sweep is missing); "
+            "real submission is not available in this installation (orchestrator.launch.submit.submit_sweep is missing); "
             "`submit --dry-run` shows the plan"
         )
     if args.dry_run or args.json:
@@ -170,8 +170,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if ids:
         print(f"  jobs: {', '.join(map(str, ids))}; follow with `{PROG} status {args.sweep}`")
     if args.wait and submitted:
-        from orchestrator.status import render
-        from orchestrator.submit import wait_for_sweep
+        from orchestrator.state.status import render
+        from orchestrator.launch.submit import wait_for_sweep
 
         print(f"{PROG}: waiting for the sweep to finish (Ctrl-C stops waiting, not the sweep)", flush=True)
         summary = wait_for_sweep(sweep)
@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print per-cell states as JSON")
     p.add_argument("--watch", nargs="?", const=5.0, type=_seconds, metavar="SECONDS",
                    help="refresh every SECONDS (default 5) until every cell is done or stopped")
-    p.set_defaults(func=_delegate("orchestrator.status", "status_main", "status"))
+    p.set_defaults(func=_delegate("orchestrator.state.status", "status_main", "status"))
 
     p = sub.add_parser("collect", help="pool fold predictions into the paper's tables, plots and MLflow summaries",
                        description="Score every complete group (pooled LOSO predictions, per seed) and write tables "
@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="where tables and plots go (default: inside the sweep directory)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log summary runs to MLflow")
     p.add_argument("--no-plots", action="store_true", help="tables only")
-    p.set_defaults(func=_delegate("orchestrator.collect", "collect_main", "collect"))
+    p.set_defaults(func=_delegate("orchestrator.results.collect", "collect_main", "collect"))
 
     p = sub.add_parser("retry", help="resubmit failed (or named) cells",
                        description="Resubmit cells that failed, timed out or were cancelled, or the cells named.")
@@ -286,13 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failed", action="store_true", help="only cells whose result says failed")
     p.add_argument("--cells", nargs="+", metavar="ID", help="only these cell ids")
     p.add_argument("--dry-run", action="store_true", help="print what would be resubmitted; submit nothing")
-    p.set_defaults(func=_delegate("orchestrator.submit", "retry_main", "retry"))
+    p.set_defaults(func=_delegate("orchestrator.launch.submit", "retry_main", "retry"))
 
     p = sub.add_parser("cancel", help="cancel the sweep's pending and running jobs",
                        description="Cancel every live job of the sweep (scancel / stop the local supervisor). "
                        "Finished results stay.")
     p.add_argument("sweep", metavar="SWEEP", help=sweep_help)
-    p.set_defaults(func=_delegate("orchestrator.submit", "cancel_main", "cancel"))
+    p.set_defaults(func=_delegate("orchestrator.launch.submit", "cancel_main", "cancel"))
 
     p = sub.add_parser("data", help="dataset utilities", description="Dataset utilities.")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)

@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aullm.errors import UserInputError
-from orchestrator.cells import Cell
+from orchestrator.sweep.cells import Cell
 
 if TYPE_CHECKING:
     from filelock import FileLock
 
-    from orchestrator.spec import SweepSpec
-    from orchestrator.tracking import TrackingConfig
+    from orchestrator.sweep.spec import SweepSpec
+    from orchestrator.tracking.store import TrackingConfig
 
 MANIFEST_FORMAT = 1
 RESULT_STATUSES = ("done", "failed")
@@ -269,7 +269,7 @@ class SweepDir:
 
     def spec(self) -> SweepSpec:
         """The spec snapshot, as a SweepSpec."""
-        from orchestrator.spec import SweepSpec
+        from orchestrator.sweep.spec import SweepSpec
 
         return SweepSpec.from_snapshot(self.read_manifest()["spec"], source=str(self.manifest_path))
 
@@ -296,7 +296,7 @@ class SweepDir:
 
     def tracking_config(self) -> TrackingConfig:
         """The sweep's MLflow settings (`uri` None = the embedded store in this directory)."""
-        from orchestrator.tracking import TrackingConfig  # imports no mlflow
+        from orchestrator.tracking.store import TrackingConfig  # imports no mlflow
 
         spec = self.read_manifest()["spec"]
         values = dict(spec.get("tracking") or {})

@@ -166,7 +166,7 @@ def wait_all_finished(sweep_dir: Path, *, timeout_s: float = 600, poll_s: float 
     a CLI process per poll would cost the 2-core machine more CPU than the jobs it waits for.
     """
     from orchestrator.ledger import SweepDir
-    from orchestrator.status import cell_statuses, summarize
+    from orchestrator.state.status import cell_statuses, summarize
 
     sweep = SweepDir(sweep_dir)
     deadline = time.monotonic() + timeout_s

@@ -5,7 +5,7 @@ or truncated frame, a sheet missing a column, a fold left without samples, ...).
 real `submit` (in-process through `orchestrator.cli.main`) must exit 2 with one line
 naming the dataset field and what is wrong, without a traceback, and must leave no
 sweep directory and no frame cache behind: `submit` decodes every frame once
-(`orchestrator.submit.preflight_datasets`) before it writes the manifest.
+(`orchestrator.launch.submit.preflight_datasets`) before it writes the manifest.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def test_there_are_enough_cases() -> None:
 
 def test_the_pristine_datasets_pass_and_warm_the_cache(tmp_path: Path, pristine: dict[str, Path]) -> None:
     from orchestrator.cli import prepare
-    from orchestrator.submit import preflight_datasets
+    from orchestrator.launch.submit import preflight_datasets
 
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(_sweep(tmp_path, _copy_datasets(tmp_path, pristine))))

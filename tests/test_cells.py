@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from aullm.errors import UserInputError
-from orchestrator import profiles
-from orchestrator.cells import Cell, expand, pack, split_arrays, submission_plan
-from orchestrator.spec import load_sweep
+from orchestrator.sweep import profiles
+from orchestrator.sweep.cells import Cell, expand, pack, split_arrays, submission_plan
+from orchestrator.sweep.spec import load_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 

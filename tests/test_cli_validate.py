@@ -93,7 +93,7 @@ def test_dry_run_without_the_submitter_uses_the_built_in_plan(
     tmp_path: Path, assets: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = cli._optional
-    monkeypatch.setattr(cli, "_optional", lambda m, a: None if m == "orchestrator.submit" else real(m, a))
+    monkeypatch.setattr(cli, "_optional", lambda m, a: None if m == "orchestrator.launch.submit" else real(m, a))
     path = good_sweep(tmp_path, assets)
     # one cell already done: it is skipped, and the dry run still writes nothing more
     done_id = "samm-loso-006__none__no_llm__s1"
@@ -106,7 +106,7 @@ def test_dry_run_without_the_submitter_uses_the_built_in_plan(
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results"]
     # a real submission without the submitter: a clear message, exit 1, still nothing written
     assert cli.main(["submit", str(path)]) == 1
-    assert "orchestrator.submit" in capsys.readouterr().err
+    assert "orchestrator.launch.submit" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results"]
 
 
@@ -159,8 +159,8 @@ def test_usage_errors_are_one_line_exit_2(argv: list[str], capsys: pytest.Captur
 
 def test_optional_lookup_distinguishes_absent_modules() -> None:
     assert cli._optional("orchestrator.no_such_module", "main") is None
-    assert cli._optional("orchestrator.cells", "no_such_function") is None
-    assert cli._optional("orchestrator.cells", "pack") is not None
+    assert cli._optional("orchestrator.sweep.cells", "no_such_function") is None
+    assert cli._optional("orchestrator.sweep.cells", "pack") is not None
 
 
 # ---------------------------------------------------------------- as a subprocess

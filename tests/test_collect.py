@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 
 from aullm.errors import UserInputError
-from orchestrator.cells import Cell, make_cell_id
-from orchestrator.collect import collect_groups, collect_job, collect_main, collect_sweep, write_outputs
+from orchestrator.sweep.cells import Cell, make_cell_id
+from orchestrator.results.collect import collect_groups, collect_job, collect_main, collect_sweep, write_outputs
 from orchestrator.ledger import SweepDir
-from orchestrator.tables import build_tables, load_paper_tables, to_markdown
+from orchestrator.results.tables import build_tables, load_paper_tables, to_markdown
 
 AUS = [2, 4, 7, 12]
 # Four clips: a, b test in fold 006, c, d in fold 007. Columns: AU2, AU4, AU7, AU12.
@@ -466,7 +466,7 @@ def test_collecting_imports_neither_torch_nor_mlflow() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, orchestrator.collect, orchestrator.tables, orchestrator.summary_runs; "
+    code = ("import sys, orchestrator.results.collect, orchestrator.results.tables, orchestrator.results.summary_runs; "
             "print(sorted({'torch', 'mlflow', 'matplotlib'} & set(sys.modules)))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

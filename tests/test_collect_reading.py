@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from aullm.errors import UserInputError
-from orchestrator import plots
-from orchestrator.cells import Cell, make_cell_id
-from orchestrator.collect import RESULT_FIELDS, _per_subject_micro_f1, _read_results, collect_groups, write_outputs
+from orchestrator.results import plots
+from orchestrator.sweep.cells import Cell, make_cell_id
+from orchestrator.results.collect import RESULT_FIELDS, _per_subject_micro_f1, _read_results, collect_groups, write_outputs
 from orchestrator.ledger import SweepDir
-from orchestrator.tables import build_tables, load_paper_tables
+from orchestrator.results.tables import build_tables, load_paper_tables
 
 
 def test_only_the_wanted_lines_are_parsed(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import yaml
 
 from orchestrator import cli
 from orchestrator.ledger import SweepDir
-from orchestrator.status import CellStatus, cost_line, cost_report, devices_per_task, measured_seconds
+from orchestrator.state.status import CellStatus, cost_line, cost_report, devices_per_task, measured_seconds
 
 GPU2 = {"executor": "slurm", "gres": "gpu:h100:2", "cpus_per_task": 8}
 

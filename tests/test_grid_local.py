@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import cli
-from orchestrator.scheduler import SCHEDULER_CALLS
+from orchestrator.state.scheduler import SCHEDULER_CALLS
 from tests.grid_helpers import LocalRun, manifest_cell_ids, result_files, run_cli, shared_local_run
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ def test_cell_runs_were_born_under_their_group_runs(local_run: LocalRun) -> None
     from mlflow import MlflowClient
 
     from orchestrator.ledger import SweepDir
-    from orchestrator.tracking import group_run_ids, resolve_uri
+    from orchestrator.tracking.store import group_run_ids, resolve_uri
 
     sweep = SweepDir(local_run.out_dir)
     cfg = sweep.tracking_config()
@@ -168,7 +168,7 @@ def test_script_recipe_sweep_runs_and_says_like_against_like(
     from mlflow import MlflowClient
 
     from orchestrator.ledger import SweepDir
-    from orchestrator.tracking import resolve_uri
+    from orchestrator.tracking.store import resolve_uri
 
     sweep = SweepDir(out)
     cfg = sweep.tracking_config()

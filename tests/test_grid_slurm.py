@@ -31,10 +31,10 @@ import pytest
 
 from orchestrator import cli
 from orchestrator.ledger import SweepDir
-from orchestrator.scheduler import SCHEDULER_CALLS, TaskState
-from orchestrator.spec import ResourcesSpec
-from orchestrator.status import ACCOUNTING_GRACE_S, cell_statuses, task_records
-from orchestrator.submit import slurm_parameters
+from orchestrator.state.scheduler import SCHEDULER_CALLS, TaskState
+from orchestrator.sweep.spec import ResourcesSpec
+from orchestrator.state.status import ACCOUNTING_GRACE_S, cell_statuses, task_records
+from orchestrator.launch.submit import slurm_parameters
 from tests.grid_helpers import (
     CliResult,
     cell_predictions,
@@ -258,7 +258,7 @@ def test_jobs_run_the_submitters_python_offline_in_private_folders(slurm_run: Sl
 
 @e2e
 def test_concurrent_tasks_shared_the_embedded_mlflow_store(slurm_run: SlurmRun) -> None:
-    from orchestrator.tracking import SPOOL_DIR, find_runs_by_cell
+    from orchestrator.tracking.store import SPOOL_DIR, find_runs_by_cell
 
     sweep = SweepDir(slurm_run.out_dir)
     runs = find_runs_by_cell(sweep.tracking_config(), sweep.path)

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from aullm.errors import UserInputError
-from orchestrator.cells import expand
+from orchestrator.sweep.cells import expand
 from orchestrator.ledger import SweepDir
-from orchestrator.spec import load_sweep
+from orchestrator.sweep.spec import load_sweep
 
 
 def payload(cell_id: str, status: str = "done", **extra: object) -> dict:

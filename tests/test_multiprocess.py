@@ -32,8 +32,8 @@ import yaml
 
 from aullm.errors import UserInputError
 from orchestrator.ledger import SweepDir
-from orchestrator.spec import ResourcesSpec, load_sweep
-from orchestrator.submit import slurm_parameters
+from orchestrator.sweep.spec import ResourcesSpec, load_sweep
+from orchestrator.launch.submit import slurm_parameters
 from tests.grid_helpers import (
     GridAssets,
     cell_predictions,

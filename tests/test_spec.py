@@ -11,8 +11,8 @@ import yaml
 
 from aullm.constants import PAPER_PROMPT
 from aullm.errors import UserInputError
-from orchestrator import profiles
-from orchestrator.spec import (
+from orchestrator.sweep import profiles
+from orchestrator.sweep.spec import (
     ResourcesSpec,
     SweepSpec,
     TrainingSpec,

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from orchestrator import cli, status
-from orchestrator.cells import Cell
+from orchestrator.sweep.cells import Cell
 from orchestrator.ledger import SweepDir
 
 
@@ -114,16 +114,16 @@ def submitted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _no_full_validation(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    import orchestrator.spec
+    import orchestrator.sweep.spec
 
     calls: list[str] = []
-    real = orchestrator.spec.load_sweep
+    real = orchestrator.sweep.spec.load_sweep
 
     def counting(path: str):  # type: ignore[no-untyped-def]
         calls.append(str(path))
         return real(path)
 
-    monkeypatch.setattr(orchestrator.spec, "load_sweep", counting)
+    monkeypatch.setattr(orchestrator.sweep.spec, "load_sweep", counting)
     return calls
 
 

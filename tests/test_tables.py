@@ -8,9 +8,9 @@ from rich.console import Console
 
 from aullm.constants import CROSS_DOMAIN_AUS, DATASET_AUS
 from aullm.metrics import PROTOCOLS
-from orchestrator.collect import GroupKey, GroupResult, MissingCell, ProtocolSummary, Stat
-from orchestrator.plots import _outliers, per_subject_figure
-from orchestrator.tables import (
+from orchestrator.results.collect import GroupKey, GroupResult, MissingCell, ProtocolSummary, Stat
+from orchestrator.results.plots import _outliers, per_subject_figure
+from orchestrator.results.tables import (
     Table,
     build_tables,
     llm_label,

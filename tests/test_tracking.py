@@ -1,4 +1,4 @@
-"""orchestrator.tracking against real MLflow stores: the embedded sqlite store and, behind
+"""orchestrator.tracking.store against real MLflow stores: the embedded sqlite store and, behind
 the ``mlflow_server`` marker, a real ``mlflow server`` that is stopped and restarted."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from aullm.errors import UserInputError
-from orchestrator import tracking as T
+from orchestrator.tracking import store as T
 
 from tests.mlflow_server import free_port, start_mlflow_server
 
@@ -64,7 +64,7 @@ def _down_uri() -> str:
 
 
 def test_import_does_not_load_mlflow() -> None:
-    code = "import sys, orchestrator.tracking; print(sorted({'mlflow','torch'} & set(sys.modules)))"
+    code = "import sys, orchestrator.tracking.store; print(sorted({'mlflow','torch'} & set(sys.modules)))"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                          text=True, check=True)  # fmt: skip
@@ -145,7 +145,7 @@ def test_prepare_store_unreachable_raises_tracking_unavailable(tmp_path: Path) -
 _WORKER = textwrap.dedent(
     """
     import json, logging, sys
-    from orchestrator.tracking import CellRunLogger, TrackingConfig
+    from orchestrator.tracking.store import CellRunLogger, TrackingConfig
     seen = []
     class Keep(logging.Handler):
         def emit(self, record): seen.append(record.getMessage())

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cells import Cell, pack, split_arrays
+from orchestrator.sweep.cells import Cell, pack, split_arrays
 from orchestrator.ledger import SweepDir
 
 # Environment every task gets: no code path may reach the Hugging Face hub at run time.
@@ -63,7 +63,7 @@ def live_cell_ids(sweep: SweepDir) -> set[str]:
 
     A task sacct does not list yet (it lags a fresh submission) counts as live: a second
     `submit` right after the first must not queue the same cells again."""
-    from orchestrator.status import is_fresh, task_states
+    from orchestrator.state.status import is_fresh, task_states
 
     live: set[str] = set()
     for record, state in task_states(sweep).items():
@@ -95,7 +95,7 @@ def array_limit(spec: Any, *, ask_cluster: bool) -> int | None:
     """Tasks per array: the cluster's MaxArraySize, or the sweep's own smaller limit."""
     limits = [spec.resources.max_array_size] if spec.resources.max_array_size else []
     if spec.resources.executor == "slurm":
-        from orchestrator.scheduler import SchedulerError, max_array_size
+        from orchestrator.state.scheduler import SchedulerError, max_array_size
 
         try:
             limits.append(max_array_size())
@@ -217,7 +217,7 @@ def _submit_collector(spec: Any, sweep: SweepDir, folder: Path, array_ids: list[
     """One job that collects the tables once every array has ended, however it ended."""
     import submitit
 
-    from orchestrator.collect import collect_job
+    from orchestrator.results.collect import collect_job
 
     collect_ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
     params = slurm_parameters(spec.resources)
@@ -359,7 +359,7 @@ def submit_sweep(spec: Any, sweep: SweepDir, cells: list[Cell], *, dry_run: bool
         plan = plan_submission(spec, sweep, cells, retry_failed=retry_failed, only=only)
         if not plan.todo:
             return {"dry_run": False, "submitted": 0, **plan.to_json()}
-        from orchestrator.tracking import ensure_group_runs, prepare_store
+        from orchestrator.tracking.store import ensure_group_runs, prepare_store
 
         # Create the MLflow store, the experiment and each group's parent run once, before
         # tasks race to do it: every cell run is then created under its group's parent.
@@ -388,7 +388,7 @@ def _fresh_plan(spec: Any, cells: list[Cell]) -> Plan:
 def retry_main(args: Any) -> int:
     """Re-submit failed or missing cells (or the named ones); done cells are never redone."""
     from orchestrator.cli import prepare
-    from orchestrator.status import NEEDS_RETRY, cell_statuses
+    from orchestrator.state.status import NEEDS_RETRY, cell_statuses
 
     from aullm.errors import UserInputError
 
@@ -417,8 +417,8 @@ def cancel_main(args: Any) -> int:
     """Cancel every live job of the sweep: scancel its arrays and collector, stop local supervisors."""
     import signal
 
-    from orchestrator.spec import load_sweep
-    from orchestrator.status import pid_alive
+    from orchestrator.sweep.spec import load_sweep
+    from orchestrator.state.status import pid_alive
 
     spec = load_sweep(args.sweep)
     sweep = SweepDir(spec.output_dir)
@@ -433,7 +433,7 @@ def cancel_main(args: Any) -> int:
             except ProcessLookupError:
                 pass
     if slurm_ids:
-        from orchestrator.scheduler import cancel
+        from orchestrator.state.scheduler import cancel
 
         cancel(slurm_ids)
     print(f"cancelled {len(slurm_ids)} Slurm jobs and {stopped} local supervisors of {sweep.path}")
@@ -442,7 +442,7 @@ def cancel_main(args: Any) -> int:
 
 def wait_for_sweep(sweep: SweepDir, *, poll_s: float = 3.0, timeout_s: float | None = None) -> dict[str, Any]:
     """Block until no cell is pending or running (for `submit --wait` and the demo)."""
-    from orchestrator.status import cell_statuses, pid_alive, summarize
+    from orchestrator.state.status import cell_statuses, pid_alive, summarize
 
     t0 = time.time()
     while True:

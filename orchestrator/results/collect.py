@@ -54,9 +54,9 @@ __all__ = [
 ]
 
 RESULTS_DIRNAME = "results_tables"
-# What a no-LLM cell may carry in its `llm` field (orchestrator.cells writes None).
+# What a no-LLM cell may carry in its `llm` field (orchestrator.sweep.cells writes None).
 _NO_LLM_VALUES = frozenset({"", "none", "null", "no_llm", "-"})
-# The LLM part of a no-LLM group's id: orchestrator.cells.NO_LLM, so that our group ids
+# The LLM part of a no-LLM group's id: orchestrator.sweep.cells.NO_LLM, so that our group ids
 # equal the `aullm.group` tag the cell runs carry ("casme2/none/no_llm").
 NO_LLM_ID = "none"
 # Written into the output folder: the list of files this collector produced, so a later
@@ -99,7 +99,7 @@ class CellRef:
 
     @classmethod
     def from_any(cls, obj: Any) -> CellRef:
-        """From a manifest entry (mapping) or an `orchestrator.cells.Cell`-like object."""
+        """From a manifest entry (mapping) or an `orchestrator.sweep.cells.Cell`-like object."""
         if isinstance(obj, CellRef):
             return obj
 
@@ -446,7 +446,7 @@ MAX_PLOT_WORKERS = 8
 
 
 def _plot_job(index: int) -> list[str]:
-    from orchestrator import plots as plt_mod
+    from orchestrator.results import plots as plt_mod
 
     assert _PLOT_JOBS is not None, "plot workers are forked after _PLOT_JOBS is set"
     jobs, folder = _PLOT_JOBS
@@ -486,7 +486,7 @@ class _Plotter:
         """The names of the PNGs written (a worker's exception is raised here)."""
         global _PLOT_JOBS
         if self.pool is None:
-            from orchestrator import plots as plt_mod
+            from orchestrator.results import plots as plt_mod
 
             return [p.name for p in plt_mod.write_plots(self.groups, self.tables, self.folder)]
         try:
@@ -512,7 +512,7 @@ def write_outputs(
 
     `while_plotting` is called once, after the tables are written and while the figures
     are being drawn (in worker processes where there are several CPUs)."""
-    from orchestrator import tables as tbl
+    from orchestrator.results import tables as tbl
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -580,7 +580,7 @@ def _resolve_sweep_dir(arg: str | os.PathLike[str]) -> Path:
     if path.is_dir():
         return path
     if path.is_file():
-        from orchestrator.spec import load_sweep
+        from orchestrator.sweep.spec import load_sweep
 
         return Path(load_sweep(path).output_dir)
     raise UserInputError(f"collect: SWEEP {str(path)!r} is neither a sweep directory nor a sweep file")
@@ -649,7 +649,7 @@ def _cell_states(sweep: Any, results: Mapping[str, Mapping[str, Any]]) -> dict[s
     (one batched sacct call), the ledger's otherwise (a result file is the truth)."""
     states: dict[str, str] = {}
     try:
-        from orchestrator.status import cell_statuses
+        from orchestrator.state.status import cell_statuses
 
         for st in cell_statuses(sweep, update_index=True):
             states[st.cell_id] = st.state.upper()
@@ -665,10 +665,10 @@ def _tracking(sweep: Any, sweep_dir: Path, groups: Sequence[GroupResult], out_di
               results: Mapping[str, Mapping[str, Any]], tables: Sequence[Any], title: str) -> str:  # fmt: skip
     """Best effort: MLflow is for people, the tables on disk are the record."""
     try:
-        from orchestrator import tracking
+        from orchestrator.tracking import store as tracking
     except ImportError as exc:
         return f"MLflow skipped ({exc})"
-    from orchestrator.summary_runs import as_tracking_config, log_group_runs
+    from orchestrator.results.summary_runs import as_tracking_config, log_group_runs
 
     try:
         cfg = as_tracking_config(sweep.tracking_config())  # the manifest's {uri, experiment}
@@ -716,14 +716,14 @@ def collect_sweep(
     groups = collect_groups(refs, results, layouts=_layouts(manifest), **training_context(manifest))
     out_dir = Path(out) if out is not None else sweep_dir / RESULTS_DIRNAME
     title = str(manifest.get("name") or sweep_dir.name)
-    from orchestrator import tables as tbl
+    from orchestrator.results import tables as tbl
 
     built = tbl.build_tables(groups, tbl.load_paper_tables())
 
     def while_plotting() -> None:
         tbl.print_terminal(groups, console=console, title=title, tables=built)
         if track:  # the mlflow import overlaps the plot workers instead of following them
-            from orchestrator.tracking import preload
+            from orchestrator.tracking.store import preload
 
             preload()
 
@@ -765,7 +765,7 @@ def collect_main(args: Any) -> int:
     return 0
 
 
-if __name__ == "__main__":  # `python -m orchestrator.collect SWEEP [OUT]` for debugging
+if __name__ == "__main__":  # `python -m orchestrator.results.collect SWEEP [OUT]` for debugging
     import argparse
 
     ap = argparse.ArgumentParser(description="collect a sweep into the paper's tables")

@@ -22,8 +22,8 @@ import numpy as np
 
 from aullm.metrics import HEADLINE_PROTOCOL
 
-from orchestrator.collect import GroupResult
-from orchestrator.tables import BASELINE_VARIANT, COMPAT, Block, Section, Table, group_label
+from orchestrator.results.collect import GroupResult
+from orchestrator.results.tables import BASELINE_VARIANT, COMPAT, Block, Section, Table, group_label
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

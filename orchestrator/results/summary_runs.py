@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING, Any
 
 from aullm.metrics import HEADLINE_PROTOCOL, PROTOCOLS
 
-from orchestrator.collect import GroupResult, Stat
-from orchestrator.tracking import KIND_GROUP, TAG_GROUP, TAG_KIND, TAG_PARENT
+from orchestrator.results.collect import GroupResult, Stat
+from orchestrator.tracking.store import KIND_GROUP, TAG_GROUP, TAG_KIND, TAG_PARENT
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from orchestrator.tables import Table
-    from orchestrator.tracking import TrackingConfig
+    from orchestrator.results.tables import Table
+    from orchestrator.tracking.store import TrackingConfig
 
 __all__ = [
     "SummaryRunsReport",
@@ -152,7 +152,7 @@ def _artifacts_for(group: GroupResult, tables_dir: Path | None) -> list[Path]:
 
 def as_tracking_config(cfg: Any) -> TrackingConfig:
     """A `TrackingConfig` from one, or from the manifest's ``{uri, experiment}`` mapping."""
-    from orchestrator.tracking import TrackingConfig
+    from orchestrator.tracking.store import TrackingConfig
 
     if isinstance(cfg, TrackingConfig):
         return cfg
@@ -176,14 +176,14 @@ def log_group_runs(
     ``results/``). `results`: the cells' result files (at least their ``mlflow`` record);
     the cells that have one are attached, those whose record names their run under the
     right parent without an MLflow call. Without it every cell of the groups is looked up.
-    Raises `orchestrator.tracking.TrackingUnavailable` (or MLflow's own errors) when the
+    Raises `orchestrator.tracking.store.TrackingUnavailable` (or MLflow's own errors) when the
     store cannot be used; `collect` reports that and carries on.
     """
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
-    from orchestrator import tracking
-    from orchestrator.tables import build_tables
+    from orchestrator.tracking import store as tracking
+    from orchestrator.results.tables import build_tables
 
     cfg = as_tracking_config(cfg)
     sweep_dir = Path(sweep_dir)
@@ -265,7 +265,7 @@ def log_group_runs(
 def _attach_unknown(client: MlflowClient, cfg: TrackingConfig, sweep_dir: Path, exp_id: str, uid: str,
                     unknown: Sequence[tuple[str, str]], n_cells: int, report: SummaryRunsReport) -> None:  # fmt: skip
     """Find the runs of cells whose result did not name them, and set their parent."""
-    from orchestrator import tracking
+    from orchestrator.tracking import store as tracking
 
     if not unknown:
         return

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.ledger import SweepDir, write_cache_json
-from orchestrator.profiles import gres_gpu_count
-from orchestrator.scheduler import SchedulerError, TaskState
+from orchestrator.sweep.profiles import gres_gpu_count
+from orchestrator.state.scheduler import SchedulerError, TaskState
 
 # sacct lags a fresh submission (about a second on an idle controller, longer on a busy
 # one): a task it does not know yet is pending for this long, after which "unknown" means
@@ -102,7 +102,7 @@ def is_fresh(record: TaskRecord, now: float | None = None) -> bool:
 
 def task_states(sweep: SweepDir) -> dict[TaskRecord, TaskState]:
     """The scheduler's view of every task of the sweep: ONE sacct call for all Slurm arrays."""
-    from orchestrator.scheduler import query_states
+    from orchestrator.state.scheduler import query_states
 
     records = task_records(sweep)
     slurm_arrays = sorted({r.job_id.split("_")[0] for r in records if r.executor == "slurm"})
@@ -365,7 +365,7 @@ def _fingerprint(sweep_file: Path, raw: bytes, data: Any) -> str:
     resources = data.get("resources") if isinstance(data, dict) else None
     profile = resources.get("profile") if isinstance(resources, dict) else None
     if profile is not None:
-        from orchestrator.profiles import find_profile
+        from orchestrator.sweep.profiles import find_profile
 
         found = find_profile(str(profile), sweep_file)
         digest.update(f"\0profile {profile!r} {found}\0".encode())
@@ -449,7 +449,7 @@ def locate_sweep(sweep_file: str) -> SweepDir:
     quick = _validated_sweep_dir(sweep_file)
     if quick is not None:
         return quick
-    from orchestrator.spec import load_sweep
+    from orchestrator.sweep.spec import load_sweep
 
     try:
         path = Path(sweep_file)

@@ -23,7 +23,7 @@ from aullm.constants import VARIANTS, VARIANTS_WITHOUT_LLM
 from aullm.errors import UserInputError
 
 if TYPE_CHECKING:  # the spec module loads pydantic; readers of a manifest need not
-    from orchestrator.spec import SweepSpec
+    from orchestrator.sweep.spec import SweepSpec
 
 NO_LLM = "none"  # the LLM part of the id (and group) of a cell without an LLM
 ID_SEPARATOR = "__"

@@ -3,7 +3,7 @@
 A profile is a YAML file of resource defaults for one kind of node (partition, gres,
 time, ...), kept in `slurm/profiles/<name>.yaml`. A sweep's `resources.profile: h100`
 picks `h100.yaml`; the sweep's own resource fields override the profile's, field by
-field. This module only finds files; validating their content is `orchestrator.spec`'s
+field. This module only finds files; validating their content is `orchestrator.sweep.spec`'s
 job (the same `ResourcesSpec` rules apply to both, so a profile cannot hold a value a
 sweep could not).
 """

@@ -39,8 +39,8 @@ from pydantic_core import PydanticCustomError
 
 from aullm.constants import DATASETS, VARIANTS, VARIANTS_WITHOUT_LLM
 from aullm.errors import UserInputError
-from orchestrator import profiles
-from orchestrator.cells import natural_key
+from orchestrator.sweep import profiles
+from orchestrator.sweep.cells import natural_key
 
 EXECUTORS: tuple[str, ...] = ("slurm", "local", "debug")
 PROTOCOLS: tuple[str, ...] = ("loso", "cross_domain")
