@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from aullm.constants import CROSS_DOMAIN_AUS, DATASET_AUS
 from aullm.data.samples import Sample
 from aullm.errors import UserInputError
+
+if TYPE_CHECKING:  # numpy only where labels are built: the orchestrator sorts folds with natural_key
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -23,9 +26,15 @@ class Split:
     aus: tuple[int, ...]
 
 
-def _natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
-    # 'S2' before 'S10' (4DME sub_IDs are not zero-padded; CASME II/SAMM sort the same either way).
-    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text) if part)
+_DIGIT_RUNS = re.compile(r"(\d+)")
+
+
+@functools.lru_cache(maxsize=8192)
+def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
+    """The order of folds everywhere (splits, cell ids, tables): 'S2' before 'S10', because 4DME
+    sub_IDs are not zero-padded. Digit runs compare as numbers, tagged so a number never meets
+    a string. Cached: a grid repeats each fold name for every LLM, variant and seed."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in _DIGIT_RUNS.split(text) if part)
 
 
 def _single_dataset(samples: Sequence[Sample], what: str) -> str:
@@ -39,7 +48,7 @@ def _single_dataset(samples: Sequence[Sample], what: str) -> str:
 
 def loso_subjects(samples: Iterable[Sample]) -> list[str]:
     """Subjects in natural order: one LOSO fold each."""
-    return sorted({s.subject for s in samples}, key=_natural_key)
+    return sorted({s.subject for s in samples}, key=natural_key)
 
 
 def loso_split(samples: Sequence[Sample], subject: str, aus: Sequence[int] | None = None) -> Split:
@@ -71,6 +80,8 @@ def cross_domain_split(source_samples: Sequence[Sample], target_samples: Sequenc
 
 def label_matrix(samples: Sequence[Sample], aus: Sequence[int]) -> np.ndarray:
     """Multi-hot labels, float32 (N, len(aus)); column j is AU aus[j]."""
+    import numpy as np
+
     labels = np.zeros((len(samples), len(aus)), dtype=np.float32)
     column = {au: j for j, au in enumerate(aus)}
     for i, sample in enumerate(samples):

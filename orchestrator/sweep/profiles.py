@@ -17,7 +17,7 @@ from pathlib import Path
 PROFILES_ENV = "AULLM_PROFILES_DIR"
 
 # The repository checkout this package lives in: profiles ship beside the code.
-_REPO_PROFILES = Path(__file__).resolve().parent.parent / "slurm" / "profiles"
+_REPO_PROFILES = Path(__file__).resolve().parents[2] / "slurm" / "profiles"
 
 _SUFFIXES = (".yaml", ".yml")
 

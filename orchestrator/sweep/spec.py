@@ -40,14 +40,13 @@ from pydantic_core import PydanticCustomError
 from aullm.constants import DATASETS, VARIANTS, VARIANTS_WITHOUT_LLM
 from aullm.errors import UserInputError
 from orchestrator.sweep import profiles
-from orchestrator.sweep.cells import natural_key
 
 EXECUTORS: tuple[str, ...] = ("slurm", "local", "debug")
 PROTOCOLS: tuple[str, ...] = ("loso", "cross_domain")
 # Cell ids use "none" for the LLM of a no-LLM cell, so no LLM may be called that.
 RESERVED_LLM_NAMES = frozenset({"none"})
 # Shipped DeepSpeed configs, addressable by name (`deepspeed: zero2`).
-_JOB_CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+_JOB_CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 
 # Names end up in cell ids, file names and MLflow tags: keep them lowercase (no
 # collisions on case-insensitive filesystems) and free of the "__" id separator.
@@ -954,6 +953,7 @@ def _list(values: Iterable[str], limit: int = 12) -> str:
 
 def read_subjects(spec: SweepSpec, name: str) -> list[str]:
     """The subjects (LOSO folds) of one dataset, read from its coding sheet."""
+    from aullm.data.folds import loso_subjects
     from aullm.data.readers import read_dataset  # lazy: only validate/submit read sheets
 
     ds = spec.datasets[name]
@@ -962,7 +962,7 @@ def read_subjects(spec: SweepSpec, name: str) -> list[str]:
         samples = read_dataset(ds.layout, ds.root, sheet=ds.sheet, frames_dir=ds.frames_dir)
     except UserInputError as exc:
         raise spec.field_error(("datasets", name), str(exc)) from None
-    return sorted({s.subject for s in samples}, key=natural_key)
+    return loso_subjects(samples)
 
 
 def _check_llm(spec: SweepSpec, name: str) -> None:
