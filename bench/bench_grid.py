@@ -192,7 +192,7 @@ def fake_submission(sweep_file: Path, *, which: str, cell_runs: bool) -> tuple[P
 
     which='half': results for every other cell (first call); 'rest': for the others."""
     from orchestrator.sweep.cells import pack
-    from orchestrator.cli import prepare
+    from orchestrator.launch.prepare import prepare
     from orchestrator.ledger import SweepDir
 
     spec, _subjects, cells = prepare(str(sweep_file))

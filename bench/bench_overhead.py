@@ -102,7 +102,7 @@ def build_sweep(work: Path, name: str, *, subjects: int, epochs: int) -> tuple[P
     """A LOSO sweep of the tiny LLM ('all'), prepared as `aullm-grid submit` does, not submitted."""
     import yaml
 
-    from orchestrator.cli import prepare
+    from orchestrator.launch.prepare import prepare
     from orchestrator.ledger import SweepDir
     from orchestrator.launch.submit import preflight_datasets
     from orchestrator.tracking.store import ensure_group_runs, prepare_store

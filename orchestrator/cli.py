@@ -26,7 +26,6 @@ from typing import Any, NoReturn
 
 PROG = "aullm-grid"
 EXIT_USER_ERROR = 2
-EXIT_NOT_AVAILABLE = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,61 +33,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _optional(module: str, attr: str) -> Callable[..., Any] | None:
-    """`module.attr` if that module exists (written by another part of the project)."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name == module:  # the module itself is absent, not one of its imports
-            return None
-        raise
-    return getattr(mod, attr, None)
-
-
-def _require(module: str, attr: str, command: str) -> Callable[..., Any]:
-    func = _optional(module, attr)
-    if func is None:
-        raise NotImplementedError(f"`{command}` is not available in this installation ({module}.{attr} is missing)")
-    return func
-
-
-# ---------------------------------------------------------------- shared steps
-
-
-def prepare(sweep_file: str) -> tuple[Any, dict[str, list[str]], list[Any]]:
-    """Load a sweep file, check its paths, expand it: (spec, subjects by dataset, cells).
-
-    Everything that can be wrong with the user's input is found here, before any
-    command writes to the sweep directory or talks to a scheduler.
-    """
-    from orchestrator.sweep.cells import expand
-    from orchestrator.sweep.spec import load_sweep, validate_paths
-
-    spec = load_sweep(sweep_file)
-    subjects = validate_paths(spec)
-    cells = expand(spec, subjects)
-    return spec, subjects, cells
-
-
-def check_compatible(spec: Any, sweep: Any) -> None:
-    """Refuse to add cells to a sweep directory whose results were trained differently."""
-    from aullm.errors import UserInputError
-
-    if not sweep.exists():
-        return
-    from aullm.recipes import recorded
-
-    previous = recorded(sweep.read_manifest().get("spec", {}).get("training", {}))
-    current = spec.snapshot()["training"]
-    changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-    if changed:
-        key = changed[0]
-        raise UserInputError(
-            f"{spec.source}: field 'training.{key}': {current.get(key)!r} differs from {previous.get(key)!r} "
-            f"used by the results already in {sweep.path}; results would mix, so use a new output_dir"
-        )
 
 
 def _print_json(payload: Any) -> None:
@@ -99,10 +43,11 @@ def _print_json(payload: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from orchestrator.launch.prepare import prepare
+    from orchestrator.launch.submit import preflight_datasets
     from orchestrator.sweep.cells import pack
 
     spec, subjects, cells = prepare(args.sweep)
-    from orchestrator.launch.submit import preflight_datasets
 
     # decode every frame once (in memory): a corrupt JPEG costs seconds here, not a GPU task
     preflight_datasets(spec, cells, write_cache=False)
@@ -135,28 +80,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from orchestrator.launch.prepare import check_compatible, prepare
+    from orchestrator.launch.submit import submit_sweep
     from orchestrator.ledger import SweepDir
 
     spec, _subjects, cells = prepare(args.sweep)
     sweep = SweepDir(spec.output_dir)
     check_compatible(spec, sweep)
-    submit_sweep = _optional("orchestrator.launch.submit", "submit_sweep")
-    if submit_sweep is not None:
-        # submit_sweep owns the sweep directory: it writes the manifest under the lock.
-        result = submit_sweep(spec, sweep, cells, dry_run=args.dry_run)
-    elif args.dry_run:
-        from orchestrator.sweep.cells import submission_plan
-
-        done = sweep.done_cell_ids() & {c.cell_id for c in cells}
-        result = {"dry_run": True, **submission_plan(spec, [c for c in cells if c.cell_id not in done], skipped_done=len(done))}
-        result["cells"] = len(cells)
-        result["to_submit"] = len(cells) - len(done)
-        result["cell_ids"] = [c.cell_id for c in cells]
-    else:
-        raise NotImplementedError(
-            "real submission is not available in this installation (orchestrator.launch.submit.submit_sweep is missing); "
-            "`submit --dry-run` shows the plan"
-        )
+    # submit_sweep owns the sweep directory: it writes the manifest under the lock.
+    result = submit_sweep(spec, sweep, cells, dry_run=args.dry_run)
     if args.dry_run or args.json:
         _print_json(result)
         return 0
@@ -181,20 +113,24 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_model_tiny(args: argparse.Namespace) -> int:
-    build_tiny_llm = _require("aullm.model.tiny", "build_tiny_llm", "model tiny")
+    from aullm.model.tiny import build_tiny_llm
+
     print(build_tiny_llm(args.out, seed=args.seed))
     return 0
 
 
-def _delegate(module: str, attr: str, command: str) -> Callable[[argparse.Namespace], int]:
+def _delegate(module: str, attr: str) -> Callable[[argparse.Namespace], int]:
+    """`module.attr(args)`, imported when the command runs: `status` must not pay for `collect`'s imports."""
+
     def run(args: argparse.Namespace) -> int:
-        return int(_require(module, attr, command)(args) or 0)
+        return int(getattr(importlib.import_module(module), attr)(args) or 0)
 
     return run
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    write_synthetic = _require("aullm.data.synth", "write_synthetic", "data synth")
+    from aullm.data.synth import write_synthetic
+
     path = write_synthetic(
         args.layout, args.out, subjects=args.subjects, seed=args.seed, clips_per_subject=args.clips_per_subject
     )
@@ -269,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print per-cell states as JSON")
     p.add_argument("--watch", nargs="?", const=5.0, type=_seconds, metavar="SECONDS",
                    help="refresh every SECONDS (default 5) until every cell is done or stopped")
-    p.set_defaults(func=_delegate("orchestrator.state.status", "status_main", "status"))
+    p.set_defaults(func=_delegate("orchestrator.state.status", "status_main"))
 
     p = sub.add_parser("collect", help="pool fold predictions into the paper's tables, plots and MLflow summaries",
                        description="Score every complete group (pooled LOSO predictions, per seed) and write tables "
@@ -278,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="where tables and plots go (default: inside the sweep directory)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log summary runs to MLflow")
     p.add_argument("--no-plots", action="store_true", help="tables only")
-    p.set_defaults(func=_delegate("orchestrator.results.collect", "collect_main", "collect"))
+    p.set_defaults(func=_delegate("orchestrator.results.collect", "collect_main"))
 
     p = sub.add_parser("retry", help="resubmit failed (or named) cells",
                        description="Resubmit cells that failed, timed out or were cancelled, or the cells named.")
@@ -286,13 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failed", action="store_true", help="only cells whose result says failed")
     p.add_argument("--cells", nargs="+", metavar="ID", help="only these cell ids")
     p.add_argument("--dry-run", action="store_true", help="print what would be resubmitted; submit nothing")
-    p.set_defaults(func=_delegate("orchestrator.launch.submit", "retry_main", "retry"))
+    p.set_defaults(func=_delegate("orchestrator.launch.submit", "retry_main"))
 
     p = sub.add_parser("cancel", help="cancel the sweep's pending and running jobs",
                        description="Cancel every live job of the sweep (scancel / stop the local supervisor). "
                        "Finished results stay.")
     p.add_argument("sweep", metavar="SWEEP", help=sweep_help)
-    p.set_defaults(func=_delegate("orchestrator.launch.submit", "cancel_main", "cancel"))
+    p.set_defaults(func=_delegate("orchestrator.launch.submit", "cancel_main"))
 
     p = sub.add_parser("data", help="dataset utilities", description="Dataset utilities.")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -328,9 +264,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except NotImplementedError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_NOT_AVAILABLE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from orchestrator import cli, profiles
+from orchestrator import cli
+from orchestrator.sweep import profiles
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -170,7 +170,7 @@ def test_there_are_enough_cases() -> None:
 
 
 def test_the_pristine_datasets_pass_and_warm_the_cache(tmp_path: Path, pristine: dict[str, Path]) -> None:
-    from orchestrator.cli import prepare
+    from orchestrator.launch.prepare import prepare
     from orchestrator.launch.submit import preflight_datasets
 
     path = tmp_path / "sweep.yaml"

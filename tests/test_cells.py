@@ -12,7 +12,7 @@ import yaml
 
 from aullm.errors import UserInputError
 from orchestrator.sweep import profiles
-from orchestrator.sweep.cells import Cell, expand, pack, split_arrays, submission_plan
+from orchestrator.sweep.cells import Cell, expand, pack, split_arrays
 from orchestrator.sweep.spec import load_sweep
 
 REPO = Path(__file__).resolve().parent.parent
@@ -190,12 +190,11 @@ def test_pack_rejects_zero() -> None:
         pack([], 0)
 
 
-def test_submission_plan(full_spec) -> None:
+def test_full_sweep_packs_into_balanced_arrays(full_spec) -> None:
     cells = expand(full_spec, SUBJECTS)
-    full_spec.resources.max_array_size = 50
-    plan = submission_plan(full_spec, cells, skipped_done=7)
-    assert plan["cells"] == len(cells) and len(plan["cell_ids"]) == len(cells)
-    assert plan["tasks"] == 134 and plan["skipped_done"] == 7
-    assert [a["task_count"] for a in plan["arrays"]] == [45, 45, 44]
-    assert sum(a["cell_count"] for a in plan["arrays"]) == len(cells)
-    assert all(a["cells_per_task"] <= 8 for a in plan["arrays"])
+    tasks = pack(cells, full_spec.resources.cells_per_task)
+    arrays = split_arrays(tasks, 50)
+    assert len(tasks) == 134
+    assert [len(a) for a in arrays] == [45, 45, 44]
+    assert sorted(c.cell_id for a in arrays for t in a for c in t) == sorted(c.cell_id for c in cells)
+    assert all(len(t) <= 8 for a in arrays for t in a)

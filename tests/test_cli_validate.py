@@ -89,31 +89,10 @@ def test_submit_dry_run_prints_the_plan_and_writes_nothing(
     assert not (tmp_path / "out").exists()
 
 
-def test_dry_run_without_the_submitter_uses_the_built_in_plan(
-    tmp_path: Path, assets: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real = cli._optional
-    monkeypatch.setattr(cli, "_optional", lambda m, a: None if m == "orchestrator.launch.submit" else real(m, a))
-    path = good_sweep(tmp_path, assets)
-    # one cell already done: it is skipped, and the dry run still writes nothing more
-    done_id = "samm-loso-006__none__no_llm__s1"
-    SweepDir(tmp_path / "out").write_result(done_id, {"status": "done"})
-    assert cli.main(["submit", str(path), "--dry-run"]) == 0
-    plan = json.loads(capsys.readouterr().out)
-    assert plan["cells"] == EXPECTED_CELLS and plan["skipped_done"] == 1 and plan["to_submit"] == EXPECTED_CELLS - 1
-    assert [a["cells_per_task"] for a in plan["arrays"]] == [4]
-    assert sum(a["cell_count"] for a in plan["arrays"]) == EXPECTED_CELLS - 1
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results"]
-    # a real submission without the submitter: a clear message, exit 1, still nothing written
-    assert cli.main(["submit", str(path)]) == 1
-    assert "orchestrator.launch.submit" in capsys.readouterr().err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results"]
-
-
 def test_changed_training_settings_are_refused(
     tmp_path: Path, assets: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from orchestrator.cli import prepare
+    from orchestrator.launch.prepare import prepare
 
     spec, _, cells = prepare(str(good_sweep(tmp_path, assets)))
     SweepDir(spec.output_dir).write_manifest(spec, cells)
@@ -155,12 +134,6 @@ def test_usage_errors_are_one_line_exit_2(argv: list[str], capsys: pytest.Captur
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error" in err[0]
-
-
-def test_optional_lookup_distinguishes_absent_modules() -> None:
-    assert cli._optional("orchestrator.no_such_module", "main") is None
-    assert cli._optional("orchestrator.sweep.cells", "no_such_function") is None
-    assert cli._optional("orchestrator.sweep.cells", "pack") is not None
 
 
 # ---------------------------------------------------------------- as a subprocess

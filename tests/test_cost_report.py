@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from orchestrator import cli
+from orchestrator.launch.prepare import prepare
 from orchestrator.ledger import SweepDir
 from orchestrator.state.status import CellStatus, cost_line, cost_report, devices_per_task, measured_seconds
 
@@ -102,7 +103,7 @@ def sweep_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "grid": [{"datasets": ["casme2"], "variants": ["all"]}],
         "resources": {"executor": "slurm", "gpus_per_node": 1},
     }))
-    spec, _subjects, cells = cli.prepare(str(path))
+    spec, _subjects, cells = prepare(str(path))
     sweep = SweepDir(spec.output_dir)
     sweep.write_manifest(spec, cells)
     first, second = cells[0].cell_id, cells[1].cell_id

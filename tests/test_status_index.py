@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import cli, status
+from orchestrator import cli
+from orchestrator.launch.prepare import prepare
+from orchestrator.state import status
 from orchestrator.sweep.cells import Cell
 from orchestrator.ledger import SweepDir
 
@@ -108,7 +110,7 @@ def submitted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "datasets": {"casme2": {"root": "${COST_DATA}/casme2"}},
         "grid": [{"datasets": ["casme2"], "variants": ["no_llm"]}],
     }))
-    spec, _subjects, found = cli.prepare(str(path))
+    spec, _subjects, found = prepare(str(path))
     SweepDir(spec.output_dir).write_manifest(spec, found)
     return path
 

@@ -387,7 +387,7 @@ def _fresh_plan(spec: Any, cells: list[Cell]) -> Plan:
 
 def retry_main(args: Any) -> int:
     """Re-submit failed or missing cells (or the named ones); done cells are never redone."""
-    from orchestrator.cli import prepare
+    from orchestrator.launch.prepare import check_compatible, prepare
     from orchestrator.state.status import NEEDS_RETRY, cell_statuses
 
     from aullm.errors import UserInputError
@@ -396,6 +396,7 @@ def retry_main(args: Any) -> int:
     sweep = SweepDir(spec.output_dir)
     if not sweep.exists():
         raise UserInputError(f"{args.sweep}: not submitted yet (no manifest in {sweep.path}); use `aullm-grid submit`")
+    check_compatible(spec, sweep)
     known = {c.cell_id for c in cells}
     if args.cells:
         unknown = [c for c in args.cells if c not in known]

@@ -12,7 +12,6 @@ arrays no larger than the cluster's MaxArraySize.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from aullm.constants import VARIANTS, VARIANTS_WITHOUT_LLM
+from aullm.data.folds import natural_key
 from aullm.errors import UserInputError
 
 if TYPE_CHECKING:  # the spec module loads pydantic; readers of a manifest need not
@@ -28,18 +28,10 @@ if TYPE_CHECKING:  # the spec module loads pydantic; readers of a manifest need 
 NO_LLM = "none"  # the LLM part of the id (and group) of a cell without an LLM
 ID_SEPARATOR = "__"
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
-_DIGIT_RUNS = re.compile(r"(\d+)")
 # Variant order of the paper's tables, by name (a dict: sorting 10,000 cells asks 10,000 times).
 _VARIANT_RANK = {v: i for i, v in enumerate(VARIANTS)}
 
 T = TypeVar("T")
-
-
-@functools.lru_cache(maxsize=8192)
-def natural_key(text: str) -> tuple[Any, ...]:
-    """'sub2' < 'sub10': digit runs compare as numbers. Cached: a grid repeats each fold
-    name for every LLM, variant and seed."""
-    return tuple(int(part) if part.isdigit() else part for part in _DIGIT_RUNS.split(text))
 
 
 def _safe(text: str) -> str:
@@ -284,32 +276,3 @@ def pack(cells: Iterable[Cell], cells_per_task: int) -> list[list[Cell]]:
 def split_arrays(tasks: Sequence[T], max_array_size: int) -> list[list[T]]:
     """Cut tasks into arrays of at most `max_array_size` (balanced, order kept)."""
     return _balanced_chunks(tasks, max_array_size)
-
-
-def submission_plan(spec: SweepSpec, cells: Sequence[Cell], *, skipped_done: int = 0) -> dict[str, Any]:
-    """What `submit` would do with `cells` (the cells still to run): JSON-ready."""
-    res = spec.resources
-    tasks = pack(cells, res.cells_per_task)
-    arrays = split_arrays(tasks, res.max_array_size) if res.max_array_size else ([tasks] if tasks else [])
-    return {
-        "sweep": spec.name,
-        "output_dir": str(spec.output_dir),
-        "executor": res.executor,
-        "cells": len(cells),
-        "cell_ids": [c.cell_id for c in sort_cells(cells)],
-        "tasks": len(tasks),
-        "skipped_done": skipped_done,
-        "arrays": [
-            {
-                "index": i,
-                "task_count": len(array),
-                "cell_count": sum(len(t) for t in array),
-                "cells_per_task": max(len(t) for t in array),
-                "min_cells_per_task": min(len(t) for t in array),
-                "array_parallelism": res.array_parallelism,
-                "llms": sorted({c.llm or NO_LLM for t in array for c in t}),
-            }
-            for i, array in enumerate(arrays)
-        ],
-        "resources": res.model_dump(mode="json"),
-    }
