@@ -87,6 +87,28 @@ def pooled_binary_f1(probs: ArrayLike, labels: ArrayLike) -> NDArray[np.float64]
     return _binary_f1(p >= THRESHOLD, y)
 
 
+def per_subject_micro_f1(probs: ArrayLike, labels: ArrayLike, subjects: Sequence[str]) -> dict[str, float | None]:
+    """Each subject's F1 over all its (sample, AU) decisions at probability >= 0.5, in order of
+    first appearance; None when the subject has no positive label and no positive prediction
+    (F1 undefined: nothing to find, nothing found). Micro rather than per-AU: a subject holds a
+    handful of clips, so most of its AUs have no positive and a per-AU F1 would be 0 by
+    convention, drowning the outliers the per-subject plot is for. The counts of each sample
+    row are summed per subject with one bincount each (a mask per subject cost a second on
+    10,000 cells)."""
+    p, y = _as_arrays(probs, labels)
+    if len(subjects) != p.shape[0]:
+        raise ValueError(f"{len(subjects)} subjects for {p.shape[0]} predictions")
+    pred, pos = p >= THRESHOLD, y.astype(bool)
+    names, first, inverse = np.unique(np.asarray(subjects), return_index=True, return_inverse=True)
+    counts = [np.bincount(inverse, weights=(a & b).sum(axis=1), minlength=len(names))
+              for a, b in ((pred, pos), (pred, ~pos), (~pred, pos))]  # fmt: skip
+    out: dict[str, float | None] = {}
+    for i in np.argsort(first, kind="stable"):
+        tp, fp, fn = (int(c[i]) for c in counts)
+        out[str(names[i])] = None if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+    return out
+
+
 def paper_compatible_f1(probs: ArrayLike, labels: ArrayLike) -> NDArray[np.float64]:
     """Per-AU max over thresholds 0.10..0.85 of mean(F1 positive class, F1 negative class).
 

@@ -12,7 +12,8 @@ import pytest
 from aullm.errors import UserInputError
 from orchestrator.results import plots
 from orchestrator.sweep.cells import Cell, make_cell_id
-from orchestrator.results.collect import RESULT_FIELDS, _per_subject_micro_f1, _read_results, collect_groups, write_outputs
+from aullm.metrics import per_subject_micro_f1
+from orchestrator.results.collect import RESULT_FIELDS, _read_results, collect_groups, write_outputs
 from orchestrator.ledger import SweepDir
 from orchestrator.results.tables import build_tables, load_paper_tables
 
@@ -67,7 +68,7 @@ def test_per_subject_f1_matches_a_mask_per_subject() -> None:
     y = rng.uniform(size=(60, 4)) < 0.3
     quiet = np.array([s == "quiet" for s in subjects])
     pred[quiet], y[quiet] = False, False  # nothing to find, nothing found: F1 undefined
-    got = _per_subject_micro_f1(pred, y, subjects)
+    got = per_subject_micro_f1(pred.astype(float), y.astype(int), subjects)
     assert list(got) == list(dict.fromkeys(subjects))  # order of first appearance
     for s, f1 in got.items():
         m = np.array([x == s for x in subjects])

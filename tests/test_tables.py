@@ -8,7 +8,7 @@ from rich.console import Console
 
 from aullm.constants import CROSS_DOMAIN_AUS, DATASET_AUS
 from aullm.metrics import PROTOCOLS
-from orchestrator.results.collect import GroupKey, GroupResult, MissingCell, ProtocolSummary, Stat
+from orchestrator.results.types import GroupKey, GroupResult, MissingCell, ProtocolSummary, Stat
 from orchestrator.results.plots import _outliers, per_subject_figure
 from orchestrator.results.tables import (
     Table,

@@ -27,24 +27,26 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from aullm.errors import UserInputError
-from aullm.metrics import HEADLINE_PROTOCOL, PROTOCOLS, ScoreRow, mean_std_over_seeds, score_predictions
+from aullm.metrics import (
+    HEADLINE_PROTOCOL,
+    PROTOCOLS,
+    ScoreRow,
+    mean_std_over_seeds,
+    per_subject_micro_f1,
+    score_predictions,
+)
 from orchestrator.ledger import RESULT_STATUSES
+from orchestrator.results.types import CellRef, GroupKey, GroupResult, MissingCell, ProtocolSummary, Stat
 
 __all__ = [
-    "CellRef",
     "CollectReport",
-    "GroupKey",
-    "GroupResult",
-    "MissingCell",
-    "Stat",
-    "ProtocolSummary",
     "collect_groups",
     "collect_job",
     "collect_main",
@@ -54,203 +56,9 @@ __all__ = [
 ]
 
 RESULTS_DIRNAME = "results_tables"
-# What a no-LLM cell may carry in its `llm` field (orchestrator.sweep.cells writes None).
-_NO_LLM_VALUES = frozenset({"", "none", "null", "no_llm", "-"})
-# The LLM part of a no-LLM group's id: orchestrator.sweep.cells.NO_LLM, so that our group ids
-# equal the `aullm.group` tag the cell runs carry ("casme2/none/no_llm").
-NO_LLM_ID = "none"
 # Written into the output folder: the list of files this collector produced, so a later
 # run can remove its own stale files without touching anything else a user put there.
 INDEX_FILE = "index.json"
-
-
-# --------------------------------------------------------------------------- cells and groups
-
-
-@dataclass(frozen=True, order=True)
-class GroupKey:
-    """What one table entry stands on. `data` is the dataset name for LOSO groups and
-    ``"<train>_to_<test>"`` for cross-domain ones (the paper_tables.yaml spelling)."""
-
-    kind: str  # "loso" | "cross_domain"
-    data: str
-    llm: str  # "" for variants without an LLM
-    variant: str
-
-    @property
-    def id(self) -> str:
-        """Stable, human-readable id; the MLflow tag ``aullm.group`` of the parent run."""
-        return f"{self.data}/{self.llm or NO_LLM_ID}/{self.variant}"
-
-
-@dataclass(frozen=True)
-class CellRef:
-    """The fields of one manifest cell that collecting needs."""
-
-    cell_id: str
-    kind: str
-    dataset: str | None  # LOSO: the dataset name
-    train_dataset: str | None  # cross-domain: trained on all of this one ...
-    test_dataset: str | None  # ... tested on all of this one
-    fold: str
-    llm: str
-    variant: str
-    seed: int
-
-    @classmethod
-    def from_any(cls, obj: Any) -> CellRef:
-        """From a manifest entry (mapping) or an `orchestrator.sweep.cells.Cell`-like object."""
-        if isinstance(obj, CellRef):
-            return obj
-
-        def get(name: str, default: Any = None) -> Any:
-            if isinstance(obj, Mapping):
-                return obj.get(name, default)
-            return getattr(obj, name, default)
-
-        cell_id = get("cell_id")
-        if not cell_id:
-            raise UserInputError(f"manifest cell {obj!r}: field cell_id is missing")
-        kind = str(get("kind") or "loso")
-        if kind not in ("loso", "cross_domain"):
-            raise UserInputError(f"manifest cell {cell_id}: kind {kind!r} is not allowed; allowed: loso, cross_domain")
-        train = get("train_dataset") or get("source")
-        test = get("test_dataset") or get("target")
-        dataset = get("dataset")
-        if kind == "loso" and not dataset:
-            raise UserInputError(f"manifest cell {cell_id}: a loso cell needs field dataset")
-        if kind == "cross_domain" and not (train and test):
-            raise UserInputError(f"manifest cell {cell_id}: a cross_domain cell needs train_dataset and test_dataset")
-        llm = get("llm")
-        llm = "" if llm is None or str(llm).strip().lower() in _NO_LLM_VALUES else str(llm)
-        variant = get("variant")
-        if not variant:
-            raise UserInputError(f"manifest cell {cell_id}: field variant is missing")
-        seed = get("seed", 0)
-        try:
-            seed_int = int(seed)
-        except (TypeError, ValueError):
-            raise UserInputError(f"manifest cell {cell_id}: seed {seed!r} is not an integer") from None
-        fold = get("fold")
-        return cls(
-            cell_id=str(cell_id),
-            kind=kind,
-            dataset=str(dataset) if dataset else None,
-            train_dataset=str(train) if train else None,
-            test_dataset=str(test) if test else None,
-            fold=str(fold) if fold not in (None, "") else ("all" if kind == "cross_domain" else "?"),
-            llm=llm,
-            variant=str(variant),
-            seed=seed_int,
-        )
-
-    @property
-    def group_key(self) -> GroupKey:
-        data = self.dataset if self.kind == "loso" else f"{self.train_dataset}_to_{self.test_dataset}"
-        return GroupKey(self.kind, str(data), self.llm, self.variant)
-
-
-@dataclass(frozen=True)
-class Stat:
-    """Mean and std (ddof=1, 0 for one seed) over seeds, F1 in percent."""
-
-    mean: float
-    std: float
-    n: int
-
-
-@dataclass(frozen=True)
-class ProtocolSummary:
-    per_au: dict[int, Stat]
-    average: Stat
-
-
-@dataclass(frozen=True)
-class MissingCell:
-    seed: int
-    fold: str
-    cell_id: str
-    reason: str  # "no result" | "failed: <error>" | "unreadable: ..."
-
-
-@dataclass
-class GroupResult:
-    key: GroupKey
-    layout: str  # the dataset layout the AUs follow: LOSO dataset's, or the test dataset's
-    train_layout: str | None  # cross-domain only
-    cell_ids: tuple[str, ...]
-    seeds: tuple[int, ...]
-    folds: tuple[str, ...]
-    status: str  # "complete" | "incomplete" | "invalid"
-    missing: list[MissingCell] = field(default_factory=list)
-    problem: str = ""  # why an "invalid" group could not be scored
-    aus: tuple[int, ...] = ()
-    n_samples: int = 0
-    per_seed: dict[int, dict[str, ScoreRow]] = field(default_factory=dict)  # fractions, as metrics returns
-    summary: dict[str, ProtocolSummary] = field(default_factory=dict)  # percent
-    per_subject: dict[str, float] = field(default_factory=dict)  # percent, mean over seeds
-    # How the cells were trained and on what: the tables compare with the paper's figures
-    # only what was computed as the paper's were (docs/results.md).
-    recipe: str = "paper"
-    differs_from_script: tuple[str, ...] = ()  # recipe fields whose value is not the released script's
-    synthetic: bool = False  # trained and tested on `aullm-grid data synth` data
-
-    @property
-    def complete(self) -> bool:
-        return self.status == "complete"
-
-    @property
-    def like_against_like(self) -> bool:
-        """Our paper_compatible score is computed as the paper's figures were: real data,
-        cells trained with the released script's recipe and nothing of it overridden."""
-        return self.recipe == "script" and not self.differs_from_script and not self.synthetic
-
-    def missing_text(self, limit: int = 12) -> str:
-        """'sub03, sub07 (seed 1); sub03 failed (seed 2)' -- the folds a reader must chase."""
-        if self.status == "invalid":
-            return self.problem
-        by_seed: dict[int, list[str]] = defaultdict(list)
-        for m in self.missing:
-            by_seed[m.seed].append(m.fold if m.reason == "no result" else f"{m.fold} {m.reason.split(':')[0]}")
-        parts = []
-        for seed in sorted(by_seed):
-            folds = by_seed[seed]
-            shown = ", ".join(folds[:limit]) + (f", ... (+{len(folds) - limit})" if len(folds) > limit else "")
-            parts.append(f"{shown} (seed {seed})")
-        return "; ".join(parts)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "group": self.key.id,
-            "kind": self.key.kind,
-            "data": self.key.data,
-            "llm": self.key.llm,
-            "variant": self.key.variant,
-            "layout": self.layout,
-            "status": self.status,
-            "seeds": list(self.seeds),
-            "folds": list(self.folds),
-            "cells": list(self.cell_ids),
-            "missing": [m.__dict__ for m in self.missing],
-            "problem": self.problem,
-            "aus": list(self.aus),
-            "n_samples": self.n_samples,
-            "scores_percent": {
-                proto: {
-                    "per_au": {str(au): s.__dict__ for au, s in summ.per_au.items()},
-                    "average": summ.average.__dict__,
-                }
-                for proto, summ in self.summary.items()
-            },
-            "per_seed_fraction": {
-                str(seed): {proto: row.to_dict() for proto, row in rows.items()} for seed, rows in self.per_seed.items()
-            },
-            "per_subject_f1_percent": self.per_subject,
-            "recipe": self.recipe,
-            "differs_from_script": list(self.differs_from_script),
-            "synthetic": self.synthetic,
-            "like_against_like": self.like_against_like,
-        }
 
 
 class _Invalid(Exception):
@@ -268,23 +76,6 @@ def _summarise(rows: Sequence[ScoreRow]) -> ProtocolSummary:
         per_au={au: Stat(_pct(mean.per_au[au]), _pct(std.per_au[au]), n) for au in mean.per_au},
         average=Stat(_pct(mean.average), _pct(std.average), n),
     )
-
-
-def _per_subject_micro_f1(pred: np.ndarray, y: np.ndarray, subjects: Sequence[str]) -> dict[str, float | None]:
-    """Each subject's F1 over all its (sample, AU) decisions, in order of first appearance;
-    None when the subject has no positive label and no positive prediction (F1 undefined:
-    nothing to find, nothing found). Micro rather than per-AU: a subject holds a handful of
-    clips, so most of its AUs have no positive and a per-AU F1 would be 0 by convention,
-    drowning the outliers we want to see. The counts of each sample row are summed per
-    subject with one bincount each (a mask per subject cost a second on 10,000 cells)."""
-    names, first, inverse = np.unique(np.asarray(subjects), return_index=True, return_inverse=True)
-    counts = [np.bincount(inverse, weights=(a & b).sum(axis=1), minlength=len(names))
-              for a, b in ((pred, y), (pred, ~y), (~pred, y))]  # fmt: skip
-    out: dict[str, float | None] = {}
-    for i in np.argsort(first, kind="stable"):
-        tp, fp, fn = (int(c[i]) for c in counts)
-        out[str(names[i])] = None if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
-    return out
 
 
 def _pool_seed(cells: Sequence[CellRef], results: Mapping[str, Mapping[str, Any]]) -> tuple[
@@ -353,7 +144,7 @@ def _score_group(group: GroupResult, cells: Sequence[CellRef], results: Mapping[
         except ValueError as exc:
             raise _Invalid(f"seed {seed}: {exc}") from None
         n_samples = max(n_samples, p.shape[0])
-        for s, f1 in _per_subject_micro_f1(p >= 0.5, y.astype(bool), subjects).items():
+        for s, f1 in per_subject_micro_f1(p, y, subjects).items():
             if f1 is not None:
                 subject_scores[s].append(_pct(f1))
     group.aus = aus_all or ()

@@ -22,7 +22,7 @@ import numpy as np
 
 from aullm.metrics import HEADLINE_PROTOCOL
 
-from orchestrator.results.collect import GroupResult
+from orchestrator.results.types import GroupResult
 from orchestrator.results.tables import BASELINE_VARIANT, COMPAT, Block, Section, Table, group_label
 
 if TYPE_CHECKING:

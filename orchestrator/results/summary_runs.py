@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from aullm.metrics import HEADLINE_PROTOCOL, PROTOCOLS
 
-from orchestrator.results.collect import GroupResult, Stat
+from orchestrator.results.types import GroupResult, Stat
 from orchestrator.tracking.store import KIND_GROUP, TAG_GROUP, TAG_KIND, TAG_PARENT
 
 if TYPE_CHECKING:

@@ -35,7 +35,7 @@ from aullm.constants import DATASET_AUS
 from aullm.metrics import HEADLINE_PROTOCOL, PROTOCOLS
 from aullm.recipes import RECIPE_FIELDS
 
-from orchestrator.results.collect import GroupResult, Stat
+from orchestrator.results.types import GroupResult, Stat
 
 __all__ = [
     "PAPER_LLM_ROWS",
