@@ -161,6 +161,7 @@ class CellRuns:
     def __init__(self, spec: Any, sweep: Any, cells: list[Any]) -> None:
         from mlflow import MlflowClient
 
+        from orchestrator.tracking import config as tracking_config
         from orchestrator.tracking import store as tracking
 
         self.cfg = sweep.tracking_config()
@@ -168,17 +169,17 @@ class CellRuns:
         # what submit does before fan-out
         self.parents = tracking.ensure_group_runs(self.cfg, sweep.path, {c.group_id: c.group_tags(spec.name) for c in cells})
         self.uid = tracking.sweep_uid(sweep.path)
-        self.client = MlflowClient(tracking.resolve_uri(self.cfg, sweep.path))
+        self.client = MlflowClient(tracking_config.resolve_uri(self.cfg, sweep.path))
         self.name = spec.name
 
     def log(self, cell: Any) -> dict[str, Any]:
         from mlflow.entities import Metric, Param
 
-        from orchestrator.tracking import store as tracking
+        from orchestrator.tracking import config as tracking_config
 
         parent = self.parents[cell.group_id]
-        tags = {**cell.tags(self.name), tracking.TAG_CELL: cell.cell_id, tracking.TAG_SWEEP_UID: self.uid,
-                "aullm.attempt": "1", tracking.TAG_PARENT: parent}  # fmt: skip
+        tags = {**cell.tags(self.name), tracking_config.TAG_CELL: cell.cell_id, tracking_config.TAG_SWEEP_UID: self.uid,
+                "aullm.attempt": "1", tracking_config.TAG_PARENT: parent}  # fmt: skip
         run_id = self.client.create_run(self.exp_id, tags=tags, run_name=cell.cell_id).info.run_id
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in cell.params().items()],

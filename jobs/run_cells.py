@@ -224,7 +224,7 @@ def _claim(sweep: SweepDir, cell: Cell, processes: TaskProcesses) -> int | str:
 def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict[str, str]:
     from aullm.recipes import recorded
     from aullm.train import CellTrainer, Preempted, TrainConfig
-    from orchestrator.tracking.store import CellRunLogger
+    from orchestrator.tracking.cell_logger import CellRunLogger
 
     processes = report.processes
     main = processes.is_main

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from filelock import FileLock
 
     from orchestrator.sweep.spec import SweepSpec
-    from orchestrator.tracking.store import TrackingConfig
+    from orchestrator.tracking.config import TrackingConfig
 
 MANIFEST_FORMAT = 1
 RESULT_STATUSES = ("done", "failed")
@@ -296,7 +296,7 @@ class SweepDir:
 
     def tracking_config(self) -> TrackingConfig:
         """The sweep's MLflow settings (`uri` None = the embedded store in this directory)."""
-        from orchestrator.tracking.store import TrackingConfig  # imports no mlflow
+        from orchestrator.tracking.config import TrackingConfig  # imports no mlflow
 
         spec = self.read_manifest()["spec"]
         values = dict(spec.get("tracking") or {})

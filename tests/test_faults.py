@@ -111,7 +111,7 @@ def _mlflow_status(out_dir: Path, cell_id: str) -> str:
     """The status of the cell's run in the sweep's (embedded) MLflow store."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking.store import resolve_uri
+    from orchestrator.tracking.config import resolve_uri
 
     sweep = SweepDir(out_dir)
     cfg = sweep.tracking_config()

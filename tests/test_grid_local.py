@@ -62,7 +62,8 @@ def test_cell_runs_were_born_under_their_group_runs(local_run: LocalRun) -> None
     from mlflow import MlflowClient
 
     from orchestrator.ledger import SweepDir
-    from orchestrator.tracking.store import group_run_ids, resolve_uri
+    from orchestrator.tracking.config import resolve_uri
+    from orchestrator.tracking.store import group_run_ids
 
     sweep = SweepDir(local_run.out_dir)
     cfg = sweep.tracking_config()
@@ -168,7 +169,7 @@ def test_script_recipe_sweep_runs_and_says_like_against_like(
     from mlflow import MlflowClient
 
     from orchestrator.ledger import SweepDir
-    from orchestrator.tracking.store import resolve_uri
+    from orchestrator.tracking.config import resolve_uri
 
     sweep = SweepDir(out)
     cfg = sweep.tracking_config()

@@ -258,7 +258,8 @@ def test_jobs_run_the_submitters_python_offline_in_private_folders(slurm_run: Sl
 
 @e2e
 def test_concurrent_tasks_shared_the_embedded_mlflow_store(slurm_run: SlurmRun) -> None:
-    from orchestrator.tracking.store import SPOOL_DIR, find_runs_by_cell
+    from orchestrator.tracking.config import SPOOL_DIR
+    from orchestrator.tracking.store import find_runs_by_cell
 
     sweep = SweepDir(slurm_run.out_dir)
     runs = find_runs_by_cell(sweep.tracking_config(), sweep.path)

@@ -19,7 +19,8 @@ from orchestrator.results.collect import collect_groups, collect_sweep
 from orchestrator.ledger import SweepDir
 from orchestrator.results.summary_runs import group_metrics, paper_figures_by_group
 from orchestrator.results.tables import build_tables
-from orchestrator.tracking.store import CellRunLogger, TrackingConfig
+from orchestrator.tracking.cell_logger import CellRunLogger
+from orchestrator.tracking.config import TrackingConfig
 
 from tests.mlflow_server import start_mlflow_server
 from tests.test_collect import A_COMPAT, A_OURS, PROBS_SEED1, PROBS_SEED2, _done, hand_grid
@@ -154,7 +155,7 @@ def test_embedded_store_gets_the_same_tree(tmp_path: Path) -> None:
     """The laptop default (tracking.uri: null): sqlite in <sweep>/mlflow, file artifacts."""
     from mlflow import MlflowClient
 
-    from orchestrator.tracking.store import resolve_uri
+    from orchestrator.tracking.config import resolve_uri
 
     cells, results = hand_grid()
     sweep = _sweep(tmp_path / "sweep", cells, results, None)
@@ -180,7 +181,9 @@ def test_cell_runs_born_under_their_group_run_need_no_lookup(tmp_path: Path) -> 
     again and its cells, whose results name the old one, are looked up and moved under it."""
     from mlflow import MlflowClient
 
-    from orchestrator.tracking.store import ensure_group_runs, group_run_ids, resolve_uri
+    from orchestrator.tracking.config import resolve_uri
+
+    from orchestrator.tracking.store import ensure_group_runs, group_run_ids
 
     cells, results = hand_grid()
     sweep = _sweep(tmp_path / "sweep", cells, {}, None)

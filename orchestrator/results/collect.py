@@ -455,11 +455,9 @@ def _cell_states(sweep: Any, results: Mapping[str, Mapping[str, Any]]) -> dict[s
 def _tracking(sweep: Any, sweep_dir: Path, groups: Sequence[GroupResult], out_dir: Path,
               results: Mapping[str, Mapping[str, Any]], tables: Sequence[Any], title: str) -> str:  # fmt: skip
     """Best effort: MLflow is for people, the tables on disk are the record."""
-    try:
-        from orchestrator.tracking import store as tracking
-    except ImportError as exc:
-        return f"MLflow skipped ({exc})"
     from orchestrator.results.summary_runs import as_tracking_config, log_group_runs
+    from orchestrator.tracking.store import reconcile_runs
+    from orchestrator.tracking.sync import sync_spool
 
     try:
         cfg = as_tracking_config(sweep.tracking_config())  # the manifest's {uri, experiment}
@@ -467,16 +465,12 @@ def _tracking(sweep: Any, sweep_dir: Path, groups: Sequence[GroupResult], out_di
         return f"MLflow skipped: no usable tracking config ({' '.join(str(exc).split())[:200]})"
     notes = []
     try:
-        sync = getattr(tracking, "sync_spool", None)
-        if sync is not None:
-            n = sync(cfg, sweep_dir)
-            if n:
-                notes.append(f"{n} spooled cell runs synced")
-        reconcile = getattr(tracking, "reconcile_runs", None)
-        if reconcile is not None:
-            n = reconcile(cfg, sweep_dir, _cell_states(sweep, results))
-            if n:
-                notes.append(f"{n} stale runs reconciled")
+        n = sync_spool(cfg, sweep_dir)
+        if n:
+            notes.append(f"{n} spooled cell runs synced")
+        n = reconcile_runs(cfg, sweep_dir, _cell_states(sweep, results))
+        if n:
+            notes.append(f"{n} stale runs reconciled")
         summary = log_group_runs(cfg, sweep_dir, groups, out_dir, tables=tables, sweep_name=title, results=results)
         notes.append(summary.describe())
     except Exception as exc:  # noqa: BLE001 - never fail a collect because MLflow is down
@@ -514,7 +508,7 @@ def collect_sweep(
     def while_plotting() -> None:
         tbl.print_terminal(groups, console=console, title=title, tables=built)
         if track:  # the mlflow import overlaps the plot workers instead of following them
-            from orchestrator.tracking.store import preload
+            from orchestrator.tracking.config import preload
 
             preload()
 

@@ -35,13 +35,13 @@ from typing import TYPE_CHECKING, Any
 from aullm.metrics import HEADLINE_PROTOCOL, PROTOCOLS
 
 from orchestrator.results.types import GroupResult, Stat
-from orchestrator.tracking.store import KIND_GROUP, TAG_GROUP, TAG_KIND, TAG_PARENT
+from orchestrator.tracking.config import KIND_GROUP, TAG_GROUP, TAG_KIND, TAG_PARENT, TAG_SWEEP_UID, resolve_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from orchestrator.results.tables import Table
-    from orchestrator.tracking.store import TrackingConfig
+    from orchestrator.tracking.config import TrackingConfig
 
 __all__ = [
     "SummaryRunsReport",
@@ -152,7 +152,7 @@ def _artifacts_for(group: GroupResult, tables_dir: Path | None) -> list[Path]:
 
 def as_tracking_config(cfg: Any) -> TrackingConfig:
     """A `TrackingConfig` from one, or from the manifest's ``{uri, experiment}`` mapping."""
-    from orchestrator.tracking.store import TrackingConfig
+    from orchestrator.tracking.config import TrackingConfig
 
     if isinstance(cfg, TrackingConfig):
         return cfg
@@ -192,7 +192,7 @@ def log_group_runs(
     # The sweep's id in MLflow (kept in <sweep>/mlflow/tracking.json by the tracking module);
     # it scopes parents to this sweep when several sweeps share an experiment.
     uid = tracking.sweep_uid(sweep_dir)
-    client = MlflowClient(tracking_uri=tracking.resolve_uri(cfg, sweep_dir))
+    client = MlflowClient(tracking_uri=resolve_uri(cfg, sweep_dir))
     report = SummaryRunsReport(str(exp_id))
 
     paper = paper_figures_by_group(tables if tables is not None else build_tables(groups))
@@ -218,7 +218,7 @@ def log_group_runs(
             report.parents[gid] = run_id
 
             tags = {
-                TAG_KIND: KIND_GROUP, TAG_GROUP: gid, tracking.TAG_SWEEP_UID: uid, TAG_STATUS: group.status,
+                TAG_KIND: KIND_GROUP, TAG_GROUP: gid, TAG_SWEEP_UID: uid, TAG_STATUS: group.status,
                 "aullm.sweep": sweep_name, "aullm.protocol": group.key.kind, "aullm.dataset": group.key.data,
                 "aullm.llm": group.key.llm or "none", "aullm.variant": group.key.variant,
                 "aullm.seeds": ",".join(map(str, group.seeds)), "aullm.missing": group.missing_text()[:4000],

@@ -1,0 +1,283 @@
+"""Tracking settings and the rules every MLflow call follows: `TrackingConfig` and the store URI,
+tag names, redaction of secrets, value limits, and the scoped call environment.
+
+Shared by both sides; imports no mlflow at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from aullm.errors import UserInputError
+
+if TYPE_CHECKING:  # only for annotations; importing mlflow costs seconds
+    from mlflow import MlflowClient
+
+
+EMBEDDED_DIR = "mlflow"  # <sweep>/mlflow/{mlflow.db, artifacts/, tracking.json}
+SPOOL_DIR = "tracking-spool"
+STATE_FILE = "tracking.json"
+
+TAG_CELL = "cell_id"
+TAG_SWEEP_UID = "aullm.sweep_uid"
+TAG_END_REASON = "aullm.end_reason"
+TAG_ATTEMPT = "aullm.attempt"
+TAG_KIND = "aullm.kind"  # "cell" on cell runs (orchestrator.sweep.cells), "group" on their parents
+KIND_GROUP = "group"
+TAG_GROUP = "aullm.group"  # on both: one filter in the UI shows a group's parent and cells
+TAG_PARENT = "mlflow.parentRunId"  # how the MLflow UI nests runs
+
+RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+_TERMINAL: frozenset[str] = frozenset({"FINISHED", "FAILED", "KILLED"})
+
+# Set around our own MLflow calls only, and only where the user has not set the variable.
+# MLflow's HTTP defaults (7 retries, 120 s timeout) can stall a job for minutes per call when
+# the server is gone; with these, connection refused costs ~2 s per call, a hung server ~15 s.
+# The URL print ("View run ... at") would land in every job's stdout.
+CALL_ENV: dict[str, str] = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
+
+
+# MLflow's batch limits (mlflow.utils.validation) and value-length limits.
+_MAX_METRICS_PER_BATCH = 1000
+_MAX_PARAMS_TAGS_PER_BATCH = 100
+_MAX_PARAM_LEN = 6000
+_MAX_TAG_LEN = 8000
+
+# Scheduler states (Slurm's, plus generic words a status module may use) meaning "this cell's
+# process is gone without finishing its run".
+DEAD_STATES: frozenset[str] = frozenset(
+    {
+        "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+        "BOOT_FAIL", "DEADLINE", "REVOKED", "DEAD", "LOST", "ERROR",
+    }
+)  # fmt: skip
+_KILLED_STATES: frozenset[str] = frozenset({"CANCELLED"})
+_DONE_STATES: frozenset[str] = frozenset({"COMPLETED", "DONE", "FINISHED"})
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store could not be reached or written (orchestrator side only)."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+_URI_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "file", "databricks")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    """Where runs go. ``uri=None`` is the embedded per-sweep sqlite store.
+
+    ``flush_every`` / ``flush_seconds``: epoch metrics are sent in one ``log_batch`` every
+    that many epochs or seconds, whichever comes first (350 single-metric calls per cell
+    would cost more than the training step on a GPU).
+    """
+
+    uri: str | None = None
+    experiment: str = "aullm-grid"
+    flush_every: int = 25
+    flush_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.experiment, str) or not self.experiment.strip():
+            raise UserInputError(
+                f"tracking.experiment: {self.experiment!r} is not allowed; "
+                "give a non-empty experiment name"
+            )
+        if self.uri is not None:
+            text = self.uri if isinstance(self.uri, str) else ""
+            scheme = text.split(":", 1)[0].split("+", 1)[0].lower()  # postgresql+psycopg2
+            if scheme not in _URI_SCHEMES or ":" not in text:
+                raise UserInputError(
+                    f"tracking.uri: {redact(str(self.uri))!r} is not a tracking URI; allowed: "
+                    f"null (embedded store in the sweep directory) or one of "
+                    f"{', '.join(s + '://...' for s in _URI_SCHEMES)}"
+                )
+        if not isinstance(self.flush_every, int) or self.flush_every < 1:
+            raise UserInputError(
+                f"tracking.flush_every: {self.flush_every!r} is not allowed; give an integer >= 1"
+            )
+        if not isinstance(self.flush_seconds, (int, float)) or self.flush_seconds <= 0:
+            raise UserInputError(
+                f"tracking.flush_seconds: {self.flush_seconds!r} is not allowed; give a number > 0"
+            )
+
+
+def _embedded_dir(sweep_dir: str | os.PathLike[str]) -> Path:
+    return Path(sweep_dir).resolve() / EMBEDDED_DIR
+
+
+def resolve_uri(cfg: TrackingConfig, sweep_dir: str | os.PathLike[str]) -> str:
+    """The tracking URI to use: ``cfg.uri``, or ``sqlite:///<sweep>/mlflow/mlflow.db``.
+
+    ``MLFLOW_TRACKING_URI`` in the environment is deliberately ignored: where a sweep's runs
+    go is part of the sweep file, not of whichever shell submitted it.
+    """
+    if cfg.uri is not None:
+        return cfg.uri
+    return "sqlite:///" + (_embedded_dir(sweep_dir) / "mlflow.db").as_posix()
+
+
+def _is_embedded(cfg: TrackingConfig) -> bool:
+    return cfg.uri is None
+
+
+# --------------------------------------------------------------------------- redaction
+
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIAL", re.IGNORECASE)
+# Mapping keys are judged more strictly than env var names: "keyframes" is a fine param name.
+_SECRET_FIELD = re.compile(
+    r"(^|[_.\-])(api_?key|access_?key|private_?key|secret|token|password|passwd|credentials?)"
+    r"($|[_.\-])",
+    re.IGNORECASE,
+)
+_URL_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^/\s:@]+:)[^@/\s]+@")
+# A secret shorter than this is not a secret worth the damage: replacing every "1" in every
+# param because SOME_KEY=1 is set would corrupt the record.
+_MIN_SECRET_LEN = 4
+
+
+def _secret_values() -> list[str]:
+    values = {
+        v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= _MIN_SECRET_LEN
+    }
+    return sorted(values, key=len, reverse=True)  # longest first: no partial leftovers
+
+
+def redact(value: Any) -> Any:
+    """Replace secrets with ``***``: values of env vars named like a secret (``*TOKEN*``,
+    ``*SECRET*``, ``*PASSWORD*``, ``*KEY*``, ``*CREDENTIAL*``, incl. ``MLFLOW_TRACKING_*``)
+    wherever they occur, passwords in ``scheme://user:pass@host`` URLs, and the values of
+    mapping keys such as ``api_key``, ``hf_token``, ``db.password``. Strings and (nested) mappings,
+    lists and tuples are handled; other values pass through unchanged."""
+    return _redact(value, _secret_values())
+
+
+def _redact(value: Any, secrets: list[str]) -> Any:
+    if isinstance(value, str):
+        for s in secrets:
+            value = value.replace(s, "***")
+        return _URL_USERINFO.sub(r"\1***@", value)
+    if isinstance(value, Mapping):
+        out: dict[Any, Any] = {}
+        for k, v in value.items():
+            secret_key = isinstance(k, str) and _SECRET_FIELD.search(k) is not None
+            out[k] = "***" if secret_key and v not in (None, "") else _redact(v, secrets)
+        return out
+    if isinstance(value, (list, tuple)):
+        return type(value)(_redact(v, secrets) for v in value)
+    return value
+
+
+# --------------------------------------------------------------------------- helpers
+
+_BAD_KEY_CHARS = re.compile(r"[^\w.\- /:]")
+
+
+def _clean_key(key: Any) -> str:
+    """MLflow rejects a whole batch for one bad key; a bad key must not take the logger
+    offline, so sanitise instead."""
+    return _BAD_KEY_CHARS.sub("_", str(key)).strip() or "_"
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested configs become dotted keys (``train.lr``), which MLflow's UI can sort on."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _stringify(d: Mapping[str, Any], limit: int) -> dict[str, str]:
+    flat = _flatten(d)
+    out: dict[str, str] = {}
+    for k, v in flat.items():
+        s = v if isinstance(v, str) else json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+        out[_clean_key(k)] = s[:limit]
+    return redact(out)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _to_float(v: Any) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return redact(f"{type(exc).__name__}: {text[:300]}")
+
+
+@contextlib.contextmanager
+def _call_env() -> Iterator[None]:
+    """Apply CALL_ENV around MLflow calls and quieten urllib3's per-retry warnings (our own
+    one-line warning says what happened).
+
+    Scoped rather than set for the whole process so that other MLflow users in the same
+    process (e.g. large artifact uploads by the collector) keep MLflow's own defaults.
+    Not thread-safe; the orchestrator and job entry call us from one thread."""
+    added = [k for k in CALL_ENV if k not in os.environ]
+    for k in added:
+        os.environ[k] = CALL_ENV[k]
+    pool_log = logging.getLogger("urllib3.connectionpool")
+    old_level = pool_log.level
+    pool_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        pool_log.setLevel(old_level)
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _client(uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def preload() -> None:
+    """Import mlflow's client now rather than at the first call (3-8 s on a busy node).
+
+    For a caller with idle time before it needs MLflow: `collect` calls it while its plot
+    workers draw. Never raises: the call that needs MLflow reports what is wrong with it."""
+    try:
+        from mlflow import MlflowClient  # noqa: F401
+        from mlflow.entities import Metric, Param, RunTag  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return
+
+
+def _q(value: str) -> str | None:
+    """Quote a value for an MLflow filter string; None if it cannot be quoted safely."""
+    return None if "'" in value or "\\" in value else f"'{value}'"
