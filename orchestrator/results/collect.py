@@ -508,7 +508,7 @@ def collect_sweep(
     def while_plotting() -> None:
         tbl.print_terminal(groups, console=console, title=title, tables=built)
         if track:  # the mlflow import overlaps the plot workers instead of following them
-            from orchestrator.tracking.config import preload
+            from orchestrator.tracking.store import preload
 
             preload()
 

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.tracking.config import _call_env, _chunks, _clean_key, _client, _MAX_METRICS_PER_BATCH, _MAX_PARAM_LEN, _MAX_PARAMS_TAGS_PER_BATCH, _MAX_TAG_LEN, _now_ms, _one_line, redact, resolve_uri, RunStatus, _stringify, TAG_ATTEMPT, TAG_CELL, TAG_END_REASON, TAG_GROUP, TAG_PARENT, TAG_SWEEP_UID, _TERMINAL, _to_float, TrackingConfig
+from orchestrator.tracking.config import _call_env, _chunks, _clean_key, _MAX_METRICS_PER_BATCH, _MAX_PARAM_LEN, _MAX_PARAMS_TAGS_PER_BATCH, _MAX_TAG_LEN, _now_ms, _one_line, redact, resolve_uri, RunStatus, _stringify, TAG_ATTEMPT, TAG_CELL, TAG_END_REASON, TAG_GROUP, TAG_PARENT, TAG_SWEEP_UID, _TERMINAL, _to_float, TrackingConfig
 from orchestrator.tracking.spool import _spool_dir, _spool_name
-from orchestrator.tracking.store import _experiment_id, group_run_ids, latest_run_for_cell, _sweep_uid
+from orchestrator.tracking.store import _client, _experiment_id, group_run_ids, latest_run_for_cell, _sweep_uid
 
 if TYPE_CHECKING:  # only for annotations; importing mlflow costs seconds
     from mlflow import MlflowClient

@@ -15,12 +15,10 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from aullm.errors import UserInputError
 
-if TYPE_CHECKING:  # only for annotations; importing mlflow costs seconds
-    from mlflow import MlflowClient
 
 
 EMBEDDED_DIR = "mlflow"  # <sweep>/mlflow/{mlflow.db, artifacts/, tracking.json}
@@ -258,24 +256,6 @@ def _call_env() -> Iterator[None]:
         pool_log.setLevel(old_level)
         for k in added:
             os.environ.pop(k, None)
-
-
-def _client(uri: str) -> MlflowClient:
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def preload() -> None:
-    """Import mlflow's client now rather than at the first call (3-8 s on a busy node).
-
-    For a caller with idle time before it needs MLflow: `collect` calls it while its plot
-    workers draw. Never raises: the call that needs MLflow reports what is wrong with it."""
-    try:
-        from mlflow import MlflowClient  # noqa: F401
-        from mlflow.entities import Metric, Param, RunTag  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return
 
 
 def _q(value: str) -> str | None:

@@ -10,9 +10,9 @@ import os
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.tracking.config import _call_env, _chunks, _client, _MAX_METRICS_PER_BATCH, _MAX_PARAMS_TAGS_PER_BATCH, _now_ms, _one_line, resolve_uri, TAG_CELL, TAG_SWEEP_UID, TrackingConfig, TrackingUnavailable
+from orchestrator.tracking.config import _call_env, _chunks, _MAX_METRICS_PER_BATCH, _MAX_PARAMS_TAGS_PER_BATCH, _now_ms, _one_line, resolve_uri, TAG_CELL, TAG_SWEEP_UID, TrackingConfig, TrackingUnavailable
 from orchestrator.tracking.spool import _read_spool, _spool_dir
-from orchestrator.tracking.store import _experiment_id, latest_run_for_cell, _sweep_uid
+from orchestrator.tracking.store import _client, _experiment_id, latest_run_for_cell, _sweep_uid
 
 if TYPE_CHECKING:  # only for annotations; importing mlflow costs seconds
     from mlflow import MlflowClient
