@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-learning test-fast bench clean-demo
+.PHONY: setup demo test test-learning test-fast lint bench clean-demo
 
 setup: $(STAMP)
 
@@ -32,7 +32,13 @@ demo: setup
 	$(BIN)/aullm-grid submit sweeps/demo.yaml --wait
 	$(BIN)/aullm-grid collect sweeps/demo.yaml
 
+lint: setup
+	$(BIN)/lint-imports
+
+# The import contracts (.importlinter) first: a broken layer fails `make test` in a second,
+# before the cluster starts.
 test: setup
+	$(BIN)/lint-imports
 	bash slurm/dev/install.sh
 	$(BIN)/python -m pytest -q
 
@@ -40,6 +46,7 @@ test-learning: setup
 	$(BIN)/python -m pytest -q -s -m learning
 
 test-fast: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup
