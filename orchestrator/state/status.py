@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections import Counter, defaultdict
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.ledger import SweepDir, write_cache_json
+from orchestrator.sweep.paths import UnsetVariable, anchored_path, env_names
 from orchestrator.sweep.profiles import gres_gpu_count
 from orchestrator.state.scheduler import SchedulerError, TaskState
 
@@ -352,14 +352,13 @@ def render(summary: dict[str, Any], sweep_path: Path) -> None:
 # directory, and while the file (and what it depends on) is unchanged, its output_dir is
 # read from the YAML alone. Anything unexpected falls back to `load_sweep`.
 _VALIDATED_FILE = "sweep-files.json"
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def _fingerprint(sweep_file: Path, raw: bytes, data: Any) -> str:
     """Everything `load_sweep`'s verdict on this file depends on: its bytes, the
     environment variables it names, the home folder (`~`) and its resource profile."""
     digest = hashlib.sha256(raw)
-    for var in sorted({m.group(1) for m in _ENV_REF.finditer(raw.decode("utf-8", "replace"))}):
+    for var in sorted(env_names(raw.decode("utf-8", "replace"))):
         digest.update(f"\0env {var}={os.environ.get(var)!r}".encode())
     digest.update(f"\0home {os.path.expanduser('~')}".encode())
     resources = data.get("resources") if isinstance(data, dict) else None
@@ -386,24 +385,10 @@ def _output_dir_of(sweep_file: Path, data: Any) -> Path | None:
     value = data.get("output_dir") if isinstance(data, dict) else None
     if not isinstance(value, str):
         return None
-    unset = []
-
-    def substitute(match: re.Match[str]) -> str:
-        var, default = match.group(1), match.group(2)
-        found = os.environ.get(var)
-        if found is None or (found == "" and default is not None):
-            if default is None:
-                unset.append(var)
-                return ""
-            return default
-        return found
-
-    path = Path(_ENV_REF.sub(substitute, value)).expanduser()
-    if unset:
+    try:
+        return Path(anchored_path(value, sweep_file.resolve().parent))
+    except UnsetVariable:
         return None
-    if not path.is_absolute():
-        path = sweep_file.resolve().parent / path
-    return Path(os.path.normpath(path))
 
 
 def _validated_sweep_dir(sweep_file: str) -> SweepDir | None:

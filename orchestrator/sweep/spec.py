@@ -39,7 +39,7 @@ from pydantic_core import PydanticCustomError
 
 from aullm.constants import DATASETS, VARIANTS, VARIANTS_WITHOUT_LLM
 from aullm.errors import UserInputError
-from orchestrator.sweep import profiles
+from orchestrator.sweep import paths, profiles
 
 EXECUTORS: tuple[str, ...] = ("slurm", "local", "debug")
 PROTOCOLS: tuple[str, ...] = ("loso", "cross_domain")
@@ -51,7 +51,6 @@ _JOB_CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 # Names end up in cell ids, file names and MLflow tags: keep them lowercase (no
 # collisions on case-insensitive filesystems) and free of the "__" id separator.
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
 MAX_CPUS_PER_TASK = 1024
@@ -76,22 +75,18 @@ class SpecFieldError(Exception):
         self.message = message
 
 
+def _unset_error(exc: paths.UnsetVariable) -> PydanticCustomError:
+    return PydanticCustomError(
+        "env_unset", f"environment variable {exc.var} is not set (export it, or write ${{{exc.var}:-default}})"
+    )
+
+
 def expand_env(text: str) -> str:
-    """Expand `${VAR}` and `${VAR:-default}`; an unset VAR without default is an error."""
-
-    def substitute(match: re.Match[str]) -> str:
-        var, default = match.group(1), match.group(2)
-        value = os.environ.get(var)
-        if value is None or (value == "" and default is not None):
-            if default is None:
-                raise PydanticCustomError(
-                    "env_unset",
-                    f"environment variable {var} is not set (export it, or write ${{{var}:-default}})",
-                )
-            return default
-        return value
-
-    return _ENV_RE.sub(substitute, text)
+    """`paths.expand_env`, with an unset variable reported as a field error."""
+    try:
+        return paths.expand_env(text)
+    except paths.UnsetVariable as exc:
+        raise _unset_error(exc) from None
 
 
 def _base_dir(info: ValidationInfo) -> Path | None:
@@ -102,11 +97,10 @@ def _base_dir(info: ValidationInfo) -> Path | None:
 
 def _local_path(text: str, info: ValidationInfo) -> str:
     """Env-expand, `~`-expand and anchor a relative path at the sweep file's folder."""
-    path = Path(expand_env(text)).expanduser()
-    base = _base_dir(info)
-    if not path.is_absolute() and base is not None:
-        path = base / path
-    return os.path.normpath(path) if path.is_absolute() else str(path)
+    try:
+        return paths.anchored_path(text, _base_dir(info))
+    except paths.UnsetVariable as exc:
+        raise _unset_error(exc) from None
 
 
 def parse_minutes(value: Any) -> int:
