@@ -1,4 +1,6 @@
-"""Demo-shaped sweeps for the end-to-end grid tests (local executor and the dev Slurm cluster).
+"""Helpers shared by test files: demo-shaped sweeps for the end-to-end grid tests (local executor
+and the dev Slurm cluster), what a finished sweep directory must hold, and hand-made sweep
+directories for the collector tests.
 
     assets = build_assets(tmp_path_factory.mktemp("grid"))       # synthetic data + tiny LLM, once
     sweep_file = write_sweep(tmp / "sweep.yaml", assets, output_dir=tmp / "out", executor="slurm")
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -202,6 +205,52 @@ def cell_predictions(sweep_dir: Path) -> dict[str, dict[str, Any]]:
 
 def manifest_cell_ids(sweep_dir: Path) -> list[str]:
     return [c["cell_id"] for c in json.loads((Path(sweep_dir) / "manifest.json").read_text())["cells"]]
+
+
+def assert_every_cell_done_once(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every manifest cell has exactly one result file, done; no temp file or checkpoint is
+    left behind. Returns cell_id -> result payload for the caller's own checks."""
+    cell_ids = manifest_cell_ids(out_dir)
+    payloads = {p.stem: json.loads(p.read_text()) for p in result_files(out_dir)}
+    assert sorted(payloads) == sorted(cell_ids)
+    assert {p["status"] for p in payloads.values()} == {"done"}, {c: p.get("error") for c, p in payloads.items()}
+    assert not [p for p in (out_dir / "results").iterdir() if p.name.startswith(".")]
+    checkpoints = out_dir / "checkpoints"
+    assert not (checkpoints.is_dir() and list(checkpoints.iterdir())), list(checkpoints.iterdir())
+    return payloads
+
+
+# The line a training cell prints each epoch (jobs/run_cells.py); fault tests wait for it.
+EPOCH_LINE = re.compile(r"aullm-grid: cell (\S+) epoch (\d+) ")
+
+
+def epochs_reported(task_logs: list[Path]) -> dict[str, int]:
+    """cell_id -> highest epoch the given task logs report (a log being written may be torn)."""
+    seen: dict[str, int] = {}
+    for log in task_logs:
+        try:
+            text = log.read_text(errors="replace")
+        except OSError:
+            continue
+        for cid, epoch in EPOCH_LINE.findall(text):
+            seen[cid] = max(seen.get(cid, -1), int(epoch))
+    return seen
+
+
+def write_hand_sweep(root: Path, cells: list[Any], results: dict[str, dict[str, Any]], *,
+                     uri: str | None = None, experiment: str = "hand") -> Any:
+    """A sweep directory written by hand (manifest + result files) for the collector tests:
+    the samm and casme2 datasets, MLflow at `uri` (None: the embedded store)."""
+    from orchestrator.ledger import SweepDir
+
+    sweep = SweepDir(root)
+    spec = {"name": "hand", "datasets": {"samm": {"layout": "samm", "root": "/data/samm"},
+                                         "casme2": {"layout": "casme2", "root": "/data/casme2"}},
+            "tracking": {"uri": uri, "experiment": experiment}}  # fmt: skip
+    sweep.write_manifest(spec, cells)
+    for cid, payload in results.items():
+        sweep.write_result(cid, payload)
+    return sweep
 
 
 # ---------------------------------------------------------------- shared across test modules

@@ -23,8 +23,9 @@ import pytest
 from aullm.errors import UserInputError
 from orchestrator.sweep.cells import Cell, make_cell_id
 from orchestrator.results.collect import collect_groups, collect_job, collect_main, collect_sweep, write_outputs
-from orchestrator.ledger import SweepDir
 from orchestrator.results.tables import build_tables, load_paper_tables, to_markdown
+
+from tests.helpers import write_hand_sweep
 
 AUS = [2, 4, 7, 12]
 # Four clips: a, b test in fold 006, c, d in fold 007. Columns: AU2, AU4, AU7, AU12.
@@ -381,20 +382,9 @@ def test_bad_manifests_are_user_errors(grid: tuple[list[Cell], dict]) -> None:
         collect_groups([bad], results)
 
 
-def _write_sweep(root: Path, cells: list[Cell], results: dict[str, dict[str, Any]]) -> SweepDir:
-    sweep = SweepDir(root)
-    spec = {"name": "hand", "datasets": {"samm": {"layout": "samm", "root": "/data/samm"},
-                                         "casme2": {"layout": "casme2", "root": "/data/casme2"}},
-            "tracking": {"uri": None, "experiment": "hand"}}  # fmt: skip
-    sweep.write_manifest(spec, cells)
-    for cid, payload in results.items():
-        sweep.write_result(cid, payload)
-    return sweep
-
-
 def test_collect_sweep_reads_the_directory_and_replaces_its_files(grid: tuple[list[Cell], dict], tmp_path: Path) -> None:
     cells, results = grid
-    sweep = _write_sweep(tmp_path / "sweep", cells, results)
+    sweep = write_hand_sweep(tmp_path / "sweep", cells, results)
     out = sweep.path / "results_tables"
     out.mkdir()
     (out / "my_notes.txt").write_text("mine")  # a user's file: collect never touches it
@@ -423,7 +413,7 @@ def test_collect_sweep_reads_the_directory_and_replaces_its_files(grid: tuple[li
 def test_collect_job_and_cli_accept_the_directory(grid: tuple[list[Cell], dict], tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     cells, results = grid
-    sweep = _write_sweep(tmp_path / "sweep", cells, results)
+    sweep = write_hand_sweep(tmp_path / "sweep", cells, results)
     from orchestrator.cli import main
 
     assert main(["collect", str(sweep.path), "--out", str(tmp_path / "elsewhere"), "--no-mlflow", "--no-plots"]) == 0
@@ -438,7 +428,7 @@ def test_collect_job_and_cli_accept_the_directory(grid: tuple[list[Cell], dict],
 @pytest.mark.slow
 def test_collect_job_writes_plots(grid: tuple[list[Cell], dict], tmp_path: Path) -> None:
     cells, results = grid
-    sweep = _write_sweep(tmp_path / "sweep", cells, results)
+    sweep = write_hand_sweep(tmp_path / "sweep", cells, results)
     sweep.write_manifest({**sweep.read_manifest()["spec"], "tracking": {"uri": "http://127.0.0.1:9", "experiment": "x"}},
                          cells)  # fmt: skip
     summary = collect_job(str(sweep.path))  # what the dependent Slurm job runs

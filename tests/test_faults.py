@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import signal
 import subprocess
@@ -27,10 +26,11 @@ import pytest
 import yaml
 
 from orchestrator.ledger import SweepDir
-from tests.grid_helpers import (
+from tests.helpers import (
     GridAssets,
+    assert_every_cell_done_once,
+    epochs_reported,
     manifest_cell_ids,
-    result_files,
     run_cli,
     shared_assets,
     status_json,
@@ -44,7 +44,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 CELLS = 3  # LOSO folds of the 3-subject synthetic CASME II, no_llm variant
 EPOCHS = 20  # long enough to be caught mid-training (about 1.5 s an epoch with two tasks on 2 cores)
 SWEEP_TIMEOUT_S = 300
-_EPOCH_LINE = re.compile(r"aullm-grid: cell (\S+) epoch (\d+) ")
 
 
 def _write_fault_sweep(root: Path, assets: GridAssets, *, epochs: int = EPOCHS, tracking_uri: str | None = None) -> Path:
@@ -62,15 +61,7 @@ def _write_fault_sweep(root: Path, assets: GridAssets, *, epochs: int = EPOCHS, 
 
 def _epochs_seen(out_dir: Path) -> dict[str, int]:
     """cell_id -> highest epoch a task log reports (jobs/<id>/<id>_0_log.out)."""
-    seen: dict[str, int] = {}
-    for log in (out_dir / "jobs").glob("*/*_log.out"):
-        try:
-            text = log.read_text(errors="replace")
-        except OSError:
-            continue
-        for cid, epoch in _EPOCH_LINE.findall(text):
-            seen[cid] = max(seen.get(cid, -1), int(epoch))
-    return seen
+    return epochs_reported(list((out_dir / "jobs").glob("*/*_log.out")))
 
 
 def _wait_training(out_dir: Path, *, min_epoch: int = 2, timeout_s: float = 180) -> tuple[str, dict[str, Any]]:
@@ -93,17 +84,10 @@ def _task_id(marker: dict[str, Any]) -> str:
 
 
 def _assert_nothing_lost(out_dir: Path) -> list[dict[str, Any]]:
-    """Every cell has exactly one result file, done; no temp file or checkpoint is left."""
-    cell_ids = manifest_cell_ids(out_dir)
-    assert len(cell_ids) == CELLS
-    files = result_files(out_dir)
-    assert sorted(p.stem for p in files) == sorted(cell_ids)
-    payloads = [json.loads(p.read_text()) for p in files]
-    assert {p["status"] for p in payloads} == {"done"}, [(p["cell_id"], p.get("error")) for p in payloads]
+    """Every cell has exactly one result file, done, trained every epoch; nothing left behind."""
+    payloads = list(assert_every_cell_done_once(out_dir).values())
+    assert len(payloads) == CELLS
     assert all(len(p["epoch_losses"]) == EPOCHS for p in payloads if "epoch_losses" in p)
-    assert not [p for p in (out_dir / "results").iterdir() if p.name.startswith(".")]
-    ckpts = out_dir / "checkpoints"
-    assert not (ckpts.is_dir() and list(ckpts.iterdir())), list(ckpts.iterdir())
     return payloads
 
 

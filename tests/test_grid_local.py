@@ -16,7 +16,7 @@ import pytest
 
 from orchestrator import cli
 from orchestrator.state.scheduler import SCHEDULER_CALLS
-from tests.grid_helpers import LocalRun, manifest_cell_ids, result_files, run_cli, shared_local_run
+from tests.helpers import LocalRun, manifest_cell_ids, result_files, run_cli, shared_local_run
 
 pytestmark = pytest.mark.slow
 
@@ -144,7 +144,7 @@ def test_script_recipe_sweep_runs_and_says_like_against_like(
     paper_compatible like against like (and still show no Δ: the data is synthetic)."""
     import yaml
 
-    from tests.grid_helpers import shared_assets, sweep_dict
+    from tests.helpers import shared_assets, sweep_dict
 
     assets = shared_assets(tmp_path_factory)
     spec = sweep_dict(assets, output_dir=tmp_path / "out", name="recipe-script", executor="local",

@@ -35,7 +35,7 @@ from orchestrator.state.scheduler import SCHEDULER_CALLS, TaskState
 from orchestrator.sweep.spec import ResourcesSpec
 from orchestrator.state.status import ACCOUNTING_GRACE_S, cell_statuses, task_records
 from orchestrator.launch.submit import slurm_parameters
-from tests.grid_helpers import (
+from tests.helpers import (
     CliResult,
     cell_predictions,
     manifest_cell_ids,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import signal
 import time
@@ -34,11 +33,11 @@ from aullm.errors import UserInputError
 from orchestrator.ledger import SweepDir
 from orchestrator.sweep.spec import ResourcesSpec, load_sweep
 from orchestrator.launch.submit import slurm_parameters
-from tests.grid_helpers import (
+from tests.helpers import (
     GridAssets,
+    assert_every_cell_done_once,
     cell_predictions,
-    manifest_cell_ids,
-    result_files,
+    epochs_reported,
     run_cli,
     shared_assets,
     sweep_dict,
@@ -56,7 +55,6 @@ SWEEP_TIMEOUT_S = 900
 # gradients is exact); a wrong gradient scale or ranks drawing different dropout masks
 # would show far above this.
 PROB_ATOL = 1e-6
-_EPOCH_LINE = re.compile(r"aullm-grid: cell (\S+) epoch (\d+) ")
 
 
 def _sweep_file(root: Path, assets: GridAssets, *, executor: str, processes: int, epochs: int = EPOCHS,
@@ -82,19 +80,9 @@ def _submit_reference(sweep_file: Path) -> Path:
     return out
 
 
-def _payloads(out_dir: Path) -> dict[str, dict[str, Any]]:
-    return {p.stem: json.loads(p.read_text()) for p in result_files(out_dir)}
-
-
 def _assert_one_done_result_per_cell(out_dir: Path, *, world_size: int) -> dict[str, dict[str, Any]]:
-    cell_ids = manifest_cell_ids(out_dir)
-    payloads = _payloads(out_dir)
-    assert sorted(payloads) == sorted(cell_ids)
-    assert {p["status"] for p in payloads.values()} == {"done"}, {c: p.get("error") for c, p in payloads.items()}
+    payloads = assert_every_cell_done_once(out_dir)
     assert {p["world_size"] for p in payloads.values()} == {world_size}
-    assert not [p for p in (out_dir / "results").iterdir() if p.name.startswith(".")]
-    checkpoints = out_dir / "checkpoints"
-    assert not (checkpoints.is_dir() and list(checkpoints.iterdir())), list(checkpoints.iterdir())
     return payloads
 
 
@@ -245,10 +233,9 @@ def _wait_training(out_dir: Path, *, min_epoch: int, timeout_s: float = 300) -> 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         markers = sweep.running_markers()
-        for log in _rank_logs(out_dir, 0):
-            for cid, epoch in _EPOCH_LINE.findall(log.read_text(errors="replace")):
-                if min_epoch <= int(epoch) < PREEMPT_EPOCHS - 8 and cid in markers:
-                    return markers[cid]
+        for cid, epoch in epochs_reported(_rank_logs(out_dir, 0)).items():
+            if min_epoch <= epoch < PREEMPT_EPOCHS - 8 and cid in markers:
+                return markers[cid]
         time.sleep(0.3)
     raise TimeoutError(f"no cell of {out_dir} reached epoch {min_epoch} in {timeout_s:.0f} s")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.grid_helpers import CLI_ENV, GridAssets, REPO, shared_assets, sweep_dict, wait_all_finished
+from tests.helpers import CLI_ENV, GridAssets, REPO, shared_assets, sweep_dict, wait_all_finished
 from tests.slurm_cluster import ClusterInfo, dev_slurm  # noqa: F401 - the session fixture
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

@@ -22,6 +22,7 @@ from orchestrator.results.tables import build_tables
 from orchestrator.tracking.cell_logger import CellRunLogger
 from orchestrator.tracking.config import TrackingConfig
 
+from tests.helpers import write_hand_sweep
 from tests.mlflow_server import start_mlflow_server
 from tests.test_collect import A_COMPAT, A_OURS, PROBS_SEED1, PROBS_SEED2, _done, hand_grid
 
@@ -47,17 +48,6 @@ def test_group_metrics_are_the_tables_numbers() -> None:
     # Table 3 pairs an ablation with the paper only through its average
     assert paper["samm/qwen2-1.5b/f_high"] == {"Avg": 55.5}
     assert group_metrics(groups["samm/qwen2.5-1.5b/all"]) == {}  # incomplete: nothing to log
-
-
-def _sweep(root: Path, cells: list[Cell], results: dict[str, dict[str, Any]], uri: str | None) -> SweepDir:
-    sweep = SweepDir(root)
-    spec = {"name": "hand", "datasets": {"samm": {"layout": "samm", "root": "/data/samm"},
-                                         "casme2": {"layout": "casme2", "root": "/data/casme2"}},
-            "tracking": {"uri": uri, "experiment": "collect-test"}}  # fmt: skip
-    sweep.write_manifest(spec, cells)
-    for cid, payload in results.items():
-        sweep.write_result(cid, payload)
-    return sweep
 
 
 def _log_cell_run(cfg: TrackingConfig, sweep: SweepDir, cell: Cell, status: str) -> None:
@@ -96,7 +86,7 @@ def test_parent_runs_on_a_real_server_are_updated_not_duplicated(tmp_path: Path)
     cells, results = hand_grid()
     with start_mlflow_server(tmp_path / "mlflow") as server:
         cfg = TrackingConfig(uri=server.uri, experiment="collect-test")
-        sweep = _sweep(tmp_path / "sweep", cells, results, server.uri)
+        sweep = write_hand_sweep(tmp_path / "sweep", cells, results, uri=server.uri, experiment="collect-test")
         for cell in cells:
             if cell.cell_id in results:
                 _log_cell_run(cfg, sweep, cell, "FINISHED" if results[cell.cell_id]["status"] == "done" else "FAILED")
@@ -158,7 +148,7 @@ def test_embedded_store_gets_the_same_tree(tmp_path: Path) -> None:
     from orchestrator.tracking.config import resolve_uri
 
     cells, results = hand_grid()
-    sweep = _sweep(tmp_path / "sweep", cells, results, None)
+    sweep = write_hand_sweep(tmp_path / "sweep", cells, results, uri=None, experiment="collect-test")
     cfg = TrackingConfig(uri=None, experiment="collect-test")
     for cell in cells:
         if results.get(cell.cell_id, {}).get("status") == "done":
@@ -186,7 +176,7 @@ def test_cell_runs_born_under_their_group_run_need_no_lookup(tmp_path: Path) -> 
     from orchestrator.tracking.store import ensure_group_runs, group_run_ids
 
     cells, results = hand_grid()
-    sweep = _sweep(tmp_path / "sweep", cells, {}, None)
+    sweep = write_hand_sweep(tmp_path / "sweep", cells, {}, uri=None, experiment="collect-test")
     cfg = TrackingConfig(uri=None, experiment="collect-test")
     parents = ensure_group_runs(cfg, sweep.path, {c.group_id: c.group_tags("hand") for c in cells})
     assert sorted(parents) == sorted(GROUPS) and group_run_ids(cfg, sweep.path) == parents
