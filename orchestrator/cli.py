@@ -89,6 +89,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     check_compatible(spec, sweep)
     # submit_sweep owns the sweep directory: it writes the manifest under the lock.
     result = submit_sweep(spec, sweep, cells, dry_run=args.dry_run)
+    if result.get("collector_error"):
+        print(f"{PROG}: warning: {result['collector_error']}", file=sys.stderr)
     if args.dry_run or args.json:
         _print_json(result)
         return 0

@@ -439,3 +439,23 @@ def test_two_simultaneous_submits_submit_each_cell_once(
     assert sorted(queued) == sorted(cells)  # every cell in exactly one task
     wait_all_finished(root / "out", timeout_s=SWEEP_TIMEOUT_S)
     assert sorted(p.stem for p in result_files(root / "out")) == sorted(cells)
+
+
+@pytest.mark.slurm
+def test_a_collector_sbatch_refuses_is_reported_not_raised(
+    dev_slurm: ClusterInfo, tmp_path: Path  # noqa: F811
+) -> None:
+    from types import SimpleNamespace
+
+    from orchestrator.launch.submit import _submit_collector_or_say_why
+
+    # A partition the cluster does not have: the real sbatch refuses the collector.
+    spec = SimpleNamespace(name="refused", resources=ResourcesSpec(partition="no-such-partition", mem="100M", time=5))
+    sweep = SweepDir(tmp_path / "out")
+    folder = tmp_path / "out" / "jobs"
+    folder.mkdir(parents=True)
+    job_id, why = _submit_collector_or_say_why(spec, sweep, folder, ["1"])
+    assert job_id is None
+    assert why is not None and "collector job not submitted" in why and "aullm-grid collect" in why
+    assert "\n" not in why
+    assert not [s for s in sweep.submissions() if s.get("collector_job_id")]

@@ -9,7 +9,6 @@ tasks to submitit's LocalExecutor at most `max_local_workers` at a time.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -204,13 +203,33 @@ def submit_slurm(spec: Any, sweep: SweepDir, plan: Plan) -> dict[str, Any]:
         # A later sbatch failed (a QOS submit limit, say): the arrays already queued still
         # get their collector, then the error goes to the user.
         if array_ids:
-            with contextlib.suppress(Exception):
-                _submit_collector(spec, sweep, folder, array_ids)
+            _, collector_error = _submit_collector_or_say_why(spec, sweep, folder, array_ids)
+            if collector_error:
+                print(f"aullm-grid: warning: {collector_error}", file=sys.stderr)
         _tighten_job_folders(folder)
         raise
-    collector_id = _submit_collector(spec, sweep, folder, array_ids) if array_ids else None
+    collector_id, collector_error = (
+        _submit_collector_or_say_why(spec, sweep, folder, array_ids) if array_ids else (None, None)
+    )
     _tighten_job_folders(folder)
-    return {"array_job_ids": array_ids, "collector_job_id": collector_id}
+    info: dict[str, Any] = {"array_job_ids": array_ids, "collector_job_id": collector_id}
+    if collector_error:
+        info["collector_error"] = collector_error
+    return info
+
+
+def _submit_collector_or_say_why(
+    spec: Any, sweep: SweepDir, folder: Path, array_ids: list[str]
+) -> tuple[str | None, str | None]:
+    """(collector job id, None), or (None, why sbatch refused it). The arrays are queued either
+    way, so a refused collector is the user's to know about, not a reason to fail the submit."""
+    from submitit.core.utils import FailedSubmissionError, UncompletedJobError
+
+    try:
+        return _submit_collector(spec, sweep, folder, array_ids), None
+    except (UncompletedJobError, FailedSubmissionError, OSError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        return None, f"collector job not submitted ({reason}); run `aullm-grid collect` once the arrays end"
 
 
 def _submit_collector(spec: Any, sweep: SweepDir, folder: Path, array_ids: list[str]) -> str:

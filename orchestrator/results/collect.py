@@ -435,17 +435,19 @@ def _read_results(sweep: Any, cell_ids: Iterable[str]) -> dict[str, dict[str, An
     return results
 
 
-def _cell_states(sweep: Any, results: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+def _cell_states(sweep: Any, results: Mapping[str, Mapping[str, Any]], notes: list[str]) -> dict[str, str]:
     """Each cell's state for `reconcile_runs`: the scheduler's view where it can be had
-    (one batched sacct call), the ledger's otherwise (a result file is the truth)."""
+    (one batched sacct call), the ledger's otherwise (a result file is the truth). Only the
+    scheduler's own error falls back, and `notes` says so; anything else is a bug and raises."""
+    from orchestrator.state.scheduler import SchedulerError
+    from orchestrator.state.status import cell_statuses
+
     states: dict[str, str] = {}
     try:
-        from orchestrator.state.status import cell_statuses
-
         for st in cell_statuses(sweep, update_index=True):
             states[st.cell_id] = st.state.upper()
-    except Exception:  # noqa: BLE001 - no scheduler reachable: the ledger still knows the ends
-        pass
+    except SchedulerError as exc:  # no scheduler reachable: the ledger still knows the ends
+        notes.append(f"scheduler not reachable, run states from the result files ({' '.join(str(exc).split())[:200]})")
     for cid, res in results.items():
         # Only where the scheduler said nothing: a failed result may have a retry running.
         states.setdefault(cid, "DONE" if res.get("status") == "done" else "FAILED")
@@ -468,7 +470,7 @@ def _tracking(sweep: Any, sweep_dir: Path, groups: Sequence[GroupResult], out_di
         n = sync_spool(cfg, sweep_dir)
         if n:
             notes.append(f"{n} spooled cell runs synced")
-        n = reconcile_runs(cfg, sweep_dir, _cell_states(sweep, results))
+        n = reconcile_runs(cfg, sweep_dir, _cell_states(sweep, results, notes))
         if n:
             notes.append(f"{n} stale runs reconciled")
         summary = log_group_runs(cfg, sweep_dir, groups, out_dir, tables=tables, sweep_name=title, results=results)
