@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
@@ -30,6 +31,8 @@ from orchestrator.ledger import SweepDir, write_cache_json
 from orchestrator.sweep.paths import UnsetVariable, anchored_path, env_names
 from orchestrator.sweep.profiles import gres_gpu_count
 from orchestrator.state.scheduler import SchedulerError, TaskState
+
+logger = logging.getLogger(__name__)
 
 # sacct lags a fresh submission (about a second on an idle controller, longer on a busy
 # one): a task it does not know yet is pending for this long, after which "unknown" means
@@ -404,7 +407,8 @@ def _validated_sweep_dir(sweep_file: str) -> SweepDir | None:
             return None
         sweep = SweepDir(out)
         return sweep if sweep.has_manifest() else None
-    except Exception:  # noqa: BLE001 - any doubt: the full validation decides
+    except Exception as exc:  # noqa: BLE001 - any doubt: the full validation decides
+        logger.debug("status: %s not in the validation cache, validating it (%s: %s)", sweep_file, type(exc).__name__, exc)
         return None
 
 
@@ -424,7 +428,8 @@ def _remember_validated(sweep_file: str, sweep: SweepDir, before: str | None) ->
         if validated.get(str(path.resolve())) != after:
             validated[str(path.resolve())] = after
             write_cache_json(target, {"format": 1, "validated": validated})
-    except Exception:  # noqa: BLE001 - a cache: never fail the command for it
+    except Exception as exc:  # noqa: BLE001 - a cache: never fail the command for it
+        logger.debug("status: validation of %s not cached (%s: %s)", sweep_file, type(exc).__name__, exc)
         return
 
 
@@ -440,7 +445,8 @@ def locate_sweep(sweep_file: str) -> SweepDir:
         path = Path(sweep_file)
         raw, data = _read_sweep_file(path)
         before: str | None = _fingerprint(path, raw, data)
-    except Exception:  # noqa: BLE001 - load_sweep reports what is wrong with the file
+    except Exception as exc:  # noqa: BLE001 - load_sweep reports what is wrong with the file
+        logger.debug("status: %s has no fingerprint, so it will not be cached (%s: %s)", sweep_file, type(exc).__name__, exc)
         before = None
     sweep = SweepDir(load_sweep(sweep_file).output_dir)
     if before is not None and sweep.has_manifest():
