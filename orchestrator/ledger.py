@@ -545,11 +545,6 @@ class SweepDir:
     def failed_cell_ids(self) -> set[str]:
         return {cid for cid, status in self.statuses().items() if status == "failed"}
 
-    def remove_result(self, cell_id: str) -> None:
-        """Forget a result (retry of a failed cell)."""
-        with contextlib.suppress(FileNotFoundError):
-            self.result_path(cell_id).unlink()
-
     # ------------------------------------------------------------ running markers
 
     def mark_running(self, cell_id: str, info: dict[str, Any] | None = None) -> None:

@@ -53,7 +53,7 @@ def test_result_index_follows_the_files(tmp_path: Path) -> None:
     assert first["a"] == {"status": "failed", "error": "OOM", "finished_at": 1.0}
     # a retry replaces a's failure, b is removed, c appears: the index must not hide any of it
     sweep.write_result("a", {"status": "done", "started_at": 5.0, "finished_at": 9.0})
-    sweep.remove_result("b")
+    sweep.result_path("b").unlink()
     sweep.write_result("c", {"status": "done", "finished_at": 4.0})
     second = sweep.result_summaries(update_index=True)
     assert second == {"a": {"status": "done", "started_at": 5.0, "finished_at": 9.0},

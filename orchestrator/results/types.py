@@ -14,13 +14,8 @@ from aullm.errors import UserInputError
 from aullm.metrics import ScoreRow
 from orchestrator.sweep.cells import NO_LLM
 
-__all__ = ["NO_LLM_ID", "CellRef", "GroupKey", "GroupResult", "MissingCell", "ProtocolSummary", "Stat"]
+__all__ = ["CellRef", "GroupKey", "GroupResult", "MissingCell", "ProtocolSummary", "Stat"]
 
-# What a no-LLM cell may carry in its `llm` field (orchestrator.sweep.cells writes None).
-_NO_LLM_VALUES = frozenset({"", "none", "null", "no_llm", "-"})
-# The LLM part of a no-LLM group's id is the cells' own, so that our group ids equal the
-# `aullm.group` tag the cell runs carry ("casme2/none/no_llm").
-NO_LLM_ID = NO_LLM
 
 # --------------------------------------------------------------------------- cells and groups
 
@@ -38,7 +33,8 @@ class GroupKey:
     @property
     def id(self) -> str:
         """Stable, human-readable id; the MLflow tag ``aullm.group`` of the parent run."""
-        return f"{self.data}/{self.llm or NO_LLM_ID}/{self.variant}"
+        # the cells' own NO_LLM: group ids equal the `aullm.group` tag cell runs carry ("casme2/none/no_llm")
+        return f"{self.data}/{self.llm or NO_LLM}/{self.variant}"
 
 
 @dataclass(frozen=True)
@@ -72,15 +68,16 @@ class CellRef:
         kind = str(get("kind") or "loso")
         if kind not in ("loso", "cross_domain"):
             raise UserInputError(f"manifest cell {cell_id}: kind {kind!r} is not allowed; allowed: loso, cross_domain")
-        train = get("train_dataset") or get("source")
-        test = get("test_dataset") or get("target")
+        train = get("train_dataset")
+        test = get("test_dataset")
         dataset = get("dataset")
         if kind == "loso" and not dataset:
             raise UserInputError(f"manifest cell {cell_id}: a loso cell needs field dataset")
         if kind == "cross_domain" and not (train and test):
             raise UserInputError(f"manifest cell {cell_id}: a cross_domain cell needs train_dataset and test_dataset")
         llm = get("llm")
-        llm = "" if llm is None or str(llm).strip().lower() in _NO_LLM_VALUES else str(llm)
+        # a manifest writes NO_LLM for a cell without an LLM, a Cell object holds None
+        llm = "" if llm is None or str(llm) == NO_LLM else str(llm)
         variant = get("variant")
         if not variant:
             raise UserInputError(f"manifest cell {cell_id}: field variant is missing")

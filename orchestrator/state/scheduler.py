@@ -7,7 +7,6 @@ what every cluster has, and pyslurm needs headers matching the installed Slurm.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from collections import Counter
 from dataclasses import dataclass
@@ -56,10 +55,6 @@ class TaskState:
 
 class SchedulerError(RuntimeError):
     """The scheduler could not be asked (no sacct, accounting down, ...)."""
-
-
-def slurm_available() -> bool:
-    return shutil.which("sbatch") is not None and shutil.which("sacct") is not None
 
 
 def _run(cmd: list[str], timeout: float = 30.0) -> str:

@@ -511,10 +511,6 @@ class ResourcesSpec(_Strict):
             return self.gpus_per_node
         return profiles.gres_gpu_count(self.gres)
 
-    @property
-    def mem_gb(self) -> float | None:
-        return None if self.mem is None else self.mem / 1024
-
 
 class TrackingSpec(_Strict):
     """MLflow: where per-epoch curves and summary runs go (never the only copy of a result)."""
@@ -674,9 +670,6 @@ class SweepSpec(_Strict):
             for pair in block.pairs or []:
                 used.update((pair.train, pair.test))
         return [name for name in self.datasets if name in used]
-
-    def loso_datasets(self) -> set[str]:
-        return {name for block in self.grid if block.protocol == "loso" for name in block.datasets or []}
 
     def used_llms(self) -> list[str]:
         """LLM names some block trains with, in definition order."""
