@@ -440,9 +440,9 @@ def test_collect_job_writes_plots(grid: tuple[list[Cell], dict], tmp_path: Path)
 
 
 def test_paper_tables_copy_keeps_the_reference_figures() -> None:
-    ref = Path("/work/shared/reference/paper_tables.yaml")
-    if not ref.is_file():
-        pytest.skip("reference/paper_tables.yaml not on this machine")
+    # tests/data holds the project's copy of the reference figures (transcribed from the paper):
+    # the test runs on every machine instead of skipping where a shared folder is missing.
+    ref = Path(__file__).resolve().parent / "data" / "paper_tables_reference.yaml"
     import yaml
 
     reference = yaml.safe_load(ref.read_text())
