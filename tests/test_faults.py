@@ -233,6 +233,7 @@ def test_node_down_and_back_to_service(fault_sweep: Path, dev_slurm: ClusterInfo
     print(f"\n[timing] node down + back: {time.monotonic() - t0:.1f} s (cell resumed at epoch {payloads[cid]['start_epoch']})")
 
 
+@pytest.mark.mlflow_server
 def test_mlflow_outage_is_synced_by_collect(assets: GridAssets, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
