@@ -164,11 +164,6 @@ def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str
     return code, captured.out, captured.err
 
 
-def test_there_are_enough_cases() -> None:
-    assert len(CASES) >= 15
-    assert len({c[0] for c in CASES}) == len(CASES)
-
-
 def test_the_pristine_datasets_pass_and_warm_the_cache(tmp_path: Path, pristine: dict[str, Path]) -> None:
     from orchestrator.launch.prepare import prepare
     from orchestrator.launch.submit import preflight_datasets
