@@ -21,6 +21,7 @@ from tests.helpers import LocalRun, manifest_cell_ids, result_files, run_cli, sh
 pytestmark = pytest.mark.slow
 
 EXPECTED_CELLS = 3 * 2 + 3 * 2 + 2  # LOSO folds x {all, no_llm} on both datasets + the cross-domain pair x 2
+EXPECTED_GROUPS = 3 * 2  # {casme2, samm, the cross-domain pair} x {all, no_llm}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,8 @@ def test_submit_wait_runs_every_cell(local_run: LocalRun) -> None:
 def test_supervisor_collected_after_the_last_task(local_run: LocalRun) -> None:
     tables = local_run.out_dir / "results_tables"
     summary = json.loads((tables / "summary.json").read_text())
-    assert summary  # the collector found groups to score
+    # every group (2 datasets + the cross-domain pair, x {tiny LLM, no_llm}) complete and scored
+    assert summary["complete"] == EXPECTED_GROUPS and not summary["incomplete"]
     assert (tables / "tables.md").is_file()
     newest_result = max(p.stat().st_mtime for p in result_files(local_run.out_dir))
     assert (tables / "summary.json").stat().st_mtime >= newest_result
@@ -117,7 +119,7 @@ def test_collect_writes_tables(local_run: LocalRun, tmp_path: Path) -> None:
     out = tmp_path / "tables"
     run_cli("collect", local_run.sweep_file, "--out", out, "--no-plots").check()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary
+    assert summary["complete"] == EXPECTED_GROUPS and not summary["incomplete"]
     tables_md = (out / "tables.md").read_text()
     assert "CASME" in tables_md and "SAMM" in tables_md
     assert list(out.glob("*.csv"))
