@@ -159,29 +159,38 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _deepspeed_plugin(config: TrainConfig, *, bf16: bool):
-    """DeepSpeed from a JSON config whose "auto" values we fill: without a dataloader to
-    inspect, Accelerate cannot infer the micro-batch size itself."""
-    import json
-
+    """DeepSpeed from a JSON config, checked against the sweep and its "auto" values filled
+    (aullm/deepspeed_config.py: the same rules `validate` applied at submit)."""
     from accelerate.utils import DeepSpeedPlugin
 
-    path = Path(config.deepspeed)
-    if not path.is_file():
-        raise UserInputError(f"training: field 'deepspeed': config file '{path}' does not exist")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserInputError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if ds.get("train_micro_batch_size_per_gpu") == "auto":
-        ds["train_micro_batch_size_per_gpu"] = max(1, config.batch_size // world)
-    if ds.get("train_batch_size") == "auto":
-        ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * world
-    if ds.get("gradient_clipping") == "auto":
-        ds["gradient_clipping"] = 0.0  # the paper does not clip
-    if isinstance(ds.get("bf16"), dict) and ds["bf16"].get("enabled") == "auto":
-        ds["bf16"]["enabled"] = bf16
-    return DeepSpeedPlugin(hf_ds_config=ds)
+    from aullm.deepspeed_compat import patch_scalar_parameter_broadcast
+    from aullm.deepspeed_config import check_config, fill_auto, read_config
+
+    patch_scalar_parameter_broadcast()
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    ds = read_config(config.deepspeed)
+    check_config(ds, path=config.deepspeed, batch_size=config.batch_size, precision=config.precision, processes=processes)
+    return DeepSpeedPlugin(hf_ds_config=fill_auto(ds, batch_size=config.batch_size, processes=processes, bf16=bf16))
+
+
+def _join_process_group(on_gpu: bool) -> None:
+    """Join a process group unless this process is already in one.
+
+    DeepSpeed needs a process group; finding none (and no RANK/WORLD_SIZE), it asks MPI
+    through mpi4py. A task of several processes joined theirs in jobs/process_group.py;
+    a lone process (local executor, one GPU per Slurm task, debug) gets the same shape
+    here: env:// variables for rank 0 of 1, and an in-memory store, so no port is taken.
+    A launcher's env:// variables for several processes (torchrun) are used as they are."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if on_gpu else "gloo"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group(backend=backend)
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def _freeze_what_outlives_cells() -> None:
@@ -230,7 +239,15 @@ class CellTrainer:
         else:
             kwargs["mixed_precision"] = "no"
         if config.deepspeed:
+            _join_process_group(on_gpu)
             kwargs["deepspeed_plugin"] = _deepspeed_plugin(config, bf16=kwargs["mixed_precision"] == "bf16")
+            if not on_gpu:
+                from accelerate.utils import InitProcessGroupKwargs
+
+                # Accelerate drops DeepSpeed under cpu=True, and without a backend it counts
+                # one process whatever the group: name gloo, the group's backend on the CPU.
+                kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+            return kwargs  # DeepSpeed's engine averages the gradients: no DDP settings
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate.utils import DistributedDataParallelKwargs
 
