@@ -18,6 +18,7 @@ import gc
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -325,7 +326,9 @@ class CellTrainer:
         steps = 0
         for epoch in range(start_epoch, cfg.epochs):
             if should_stop is not None and checkpoint_path is not None and should_stop():
-                if self.accelerator.is_main_process:  # every rank holds the same state: one writer
+                if self.config.deepspeed:  # each rank holds its own shard of the optimizer state
+                    self._save_engine(checkpoint_path, model)
+                if self.accelerator.is_main_process:  # the rest is the same on every rank: one writer
                     self._save_checkpoint(checkpoint_path, model, optimizer, epoch, epoch_losses, sampling_rng)
                 self.accelerator.wait_for_everyone()
                 self.accelerator.free_memory()
@@ -364,8 +367,9 @@ class CellTrainer:
         probs = self._predict(model, split, store, scale)
         t_end = time.perf_counter()
         self.accelerator.free_memory()
-        if checkpoint_path is not None and self.accelerator.is_main_process and checkpoint_path.is_file():
-            checkpoint_path.unlink()
+        if checkpoint_path is not None and self.accelerator.is_main_process:
+            checkpoint_path.unlink(missing_ok=True)
+            shutil.rmtree(_engine_dir(checkpoint_path), ignore_errors=True)
 
         return CellResult(
             sample_keys=[s.key for s in split.test],
@@ -440,7 +444,8 @@ class CellTrainer:
             "epoch_losses": list(epoch_losses),
             "trainable": trainable,
             "buffers": buffers,
-            "optimizer": optimizer.state_dict(),
+            # under DeepSpeed the engine saved the (partitioned) optimizer state beside this file
+            "optimizer": None if self.config.deepspeed else optimizer.state_dict(),
             "rng": _rng_state(),
             "sampling_rng": sampling_rng.bit_generator.state,
         }
@@ -459,8 +464,36 @@ class CellTrainer:
                 named[n].copy_(value)
             for n, value in state["buffers"].items():
                 named_buffers[n].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
+        if self.config.deepspeed:
+            self._load_engine(path, model)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         rng = np.random.default_rng()
         rng.bit_generator.state = state["sampling_rng"]
         return int(state["epoch"]), list(state["epoch_losses"]), rng
+
+    # DeepSpeed: the engine saves and restores what ZeRO partitioned (each rank its shard of
+    # the optimizer state, with the fp32 master weights); the base LLM's frozen weights are
+    # left out, they are reloaded with the task. Every rank calls these (collectives).
+
+    def _save_engine(self, path: Path, model) -> None:
+        model.save_checkpoint(str(_engine_dir(path)), tag=_ENGINE_TAG, exclude_frozen_parameters=True)
+        # rank 0's state file, written next, marks the checkpoint complete: every shard first
+        self.accelerator.wait_for_everyone()
+
+    def _load_engine(self, path: Path, model) -> None:
+        loaded, _ = model.load_checkpoint(
+            str(_engine_dir(path)), tag=_ENGINE_TAG, load_module_strict=False,
+            load_optimizer_states=True, load_lr_scheduler_states=False,
+        )  # fmt: skip
+        if loaded is None:
+            raise RuntimeError(f"no DeepSpeed engine checkpoint in {_engine_dir(path)} beside {path}")
+
+
+_ENGINE_TAG = "cell"
+
+
+def _engine_dir(path: Path) -> Path:
+    """Where the DeepSpeed engine of the cell checkpointed at `path` saves its shards."""
+    return path.with_name(path.name + ".deepspeed")
