@@ -139,11 +139,11 @@ def probe(ds: dict[str, Any], *, path: Path | str, batch_size: int) -> str:
         proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(filled)], capture_output=True, text=True,
                               timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise UserInputError(f"training: field 'deepspeed': importing DeepSpeed took over {PROBE_TIMEOUT_S} s") from None
+        raise UserInputError(f"importing DeepSpeed took over {PROBE_TIMEOUT_S} s") from None
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     answer = json.loads(lines[-1]) if lines else {"stage": "import", "error": _last_line(proc.stderr) or f"exit {proc.returncode}"}
     if answer["stage"] == "import":
-        raise UserInputError(f"training: field 'deepspeed': DeepSpeed does not import here ({_one_line(answer['error'])})")
+        raise UserInputError(f"DeepSpeed does not import here ({_one_line(answer['error'])})")
     if answer["stage"] == "parse":
         raise UserInputError(f"{path}: DeepSpeed rejects the config: {_one_line(answer['error'])}")
     return str(answer["version"])

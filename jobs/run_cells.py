@@ -285,7 +285,7 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
         except Preempted:
             end = _CellEnd("preempted")
         except Exception as exc:  # noqa: BLE001 - a failed cell must not take its pack down
-            end = _CellEnd("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()[-4000:])
+            end = _CellEnd("failed", _one_line(f"{type(exc).__name__}: {exc}"), traceback.format_exc()[-4000:])
         status, rank, end = _settle(processes.gather(end))
         outcomes[cell.cell_id] = status
         if status == "preempted":
@@ -328,6 +328,13 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
         sweep.write_result(cell.cell_id, payload)
         logger.finish("FINISHED", {"final_train_loss": result.epoch_losses[-1] if result.epoch_losses else float("nan")})
     return outcomes
+
+
+def _one_line(error: str, limit: int = 500) -> str:
+    """A cell's error as `status` shows it: one line (DeepSpeed's and pydantic's messages
+    span several), cut to `limit` characters; the full traceback stays in the result."""
+    line = " ".join(error.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _run_record(logger: Any) -> dict[str, Any]:
