@@ -51,6 +51,11 @@ from tests.slurm_cluster import ClusterInfo, dev_slurm  # noqa: F401 - the sessi
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "deepspeed_cells_script.py"
 ZERO2 = REPO / "jobs" / "configs" / "zero2.json"
+# Test-only hooks, to see the trainer tests fail when a property is broken (never set in CI):
+# AULLM_TEST_ZERO2=<mutated copy of zero2.json> trains the DeepSpeed runs with it, and
+# AULLM_TEST_DS_BREAK=keep-engines|skip-engine-load passes `--break` to the script.
+TRAIN_CONFIG = Path(os.environ.get("AULLM_TEST_ZERO2", ZERO2))
+BREAK = os.environ.get("AULLM_TEST_DS_BREAK")
 # Probabilities are compared to 1e-6 (results store them rounded to 1e-7). Measured on
 # this machine: 6e-8 (ZeRO-2 vs plain, one process), 0 (resumed vs uninterrupted).
 # A gradient off by any factor, a lost Adam moment or a leftover engine's hook shows
@@ -160,6 +165,28 @@ def test_the_shipped_zero2_passes_validate(tmp_path: Path, assets: GridAssets) -
     assert result.json()["valid"] is True
 
 
+@pytest.mark.slow
+def test_a_cell_failing_for_a_deepspeed_reason_shows_it_in_status_in_one_line(
+    tmp_path: Path, assets: GridAssets
+) -> None:
+    """The config is edited to ZeRO-3 on the shared filesystem after submit: the node
+    applies the same rules as validate, the cell fails, and status says why in one line."""
+    config = tmp_path / "ds.json"
+    sweep = _ds_sweep(tmp_path, assets, config=_zero2())
+    spec = yaml.safe_load(sweep.read_text())
+    spec["datasets"]["casme2"]["folds"] = ["sub01"]
+    spec["grid"] = [{"protocol": "loso", "datasets": ["casme2"], "variants": ["no_llm"]}]
+    sweep.write_text(yaml.safe_dump(spec, sort_keys=False))
+    run_cli("submit", sweep, "--json", timeout_s=240).check()
+    config.write_text(json.dumps(_zero2(zero_optimization__stage=3)))  # before the task reads it (torch imports first)
+    summary = wait_all_finished(tmp_path / "out", timeout_s=SWEEP_TIMEOUT_S)
+    (failed,) = summary["failed"]
+    assert "zero_optimization.stage" in failed["reason"] and "\n" not in failed["reason"], failed
+    shown = run_cli("status", sweep, timeout_s=120)
+    (line,) = [x for x in shown.stdout.splitlines() if failed["cell_id"] in x]
+    assert "field 'zero_optimization.stage': 3 is not supported here" in line, shown.stdout
+
+
 # ------------------------------------------------------------------ the trainer, in child processes
 
 
@@ -169,7 +196,8 @@ def _train(out: Path, assets: GridAssets, cache: Path, *cells: str, deepspeed: b
     args = [str(out), "--data", str(assets.casme2), "--cache", str(cache), "--llm", str(assets.llm),
             "--epochs", str(EPOCHS)]  # fmt: skip
     if deepspeed:
-        args += ["--deepspeed", str(ZERO2)]
+        args += ["--deepspeed", str(TRAIN_CONFIG)]
+        breakage = breakage or BREAK
     if checkpoint_dir is not None:
         args += ["--checkpoint-dir", str(checkpoint_dir)]
     if stop_at is not None:
@@ -304,7 +332,7 @@ def _assert_done_and_equal(out: Path, reference: Path, *, world_size: int) -> fl
         assert ours[cid]["sample_keys"] == r["sample_keys"]
         np.testing.assert_allclose(ours[cid]["probs"], r["probs"], rtol=0, atol=PROB_ATOL, err_msg=cid)
         worst = max(worst, float(np.abs(ours[cid]["probs"] - r["probs"]).max()))
-    logs = "".join(p.read_text(errors="replace") for p in (out / "jobs").glob("*/*_0_log.out"))
+    logs = "".join(p.read_text(errors="replace") for p in (out / "jobs").rglob("*_0_log.out"))
     assert "deepspeed imported: yes" in logs  # the task really ran DeepSpeed
     return worst
 
