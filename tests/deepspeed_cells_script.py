@@ -14,6 +14,8 @@ With `--stop-at E` each cell is preempted before epoch E (its checkpoint is left
 Test-only breakages, to see the tests fail when a property is broken:
   --break keep-engines   hold every cell's engine (a leak between packed cells)
   --break skip-engine-load  resume without the engine's optimizer state
+  --break no-destroy     never destroy an engine (its ZeRO hooks stay on the shared LoRA weights)
+  --break no-adapter-reset  a cell starts from the LoRA weights the previous cell left
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--deepspeed")
     parser.add_argument("--checkpoint-dir", type=Path)
     parser.add_argument("--stop-at", type=int)
-    parser.add_argument("--break", dest="breakage", choices=("keep-engines", "skip-engine-load"))
+    parser.add_argument("--break", dest="breakage", choices=("keep-engines", "skip-engine-load", "no-destroy", "no-adapter-reset"))
     parser.add_argument("cells", nargs="+")
     args = parser.parse_args(argv)
 
@@ -75,6 +77,12 @@ def main(argv: list[str]) -> None:
         return out
 
     trainer.accelerator.prepare = watched_prepare  # type: ignore[method-assign]
+    if args.breakage == "no-destroy":
+        from deepspeed.runtime.engine import DeepSpeedEngine
+
+        DeepSpeedEngine.destroy = lambda self: None  # type: ignore[method-assign]
+    if args.breakage == "no-adapter-reset":
+        trainer.llm.reset_adapters = lambda seed: None  # type: ignore[method-assign]
     if args.breakage == "skip-engine-load":
         CellTrainer._load_engine = lambda self, path, model: None  # type: ignore[method-assign]
 

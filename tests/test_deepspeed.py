@@ -53,7 +53,7 @@ SCRIPT = REPO / "tests" / "deepspeed_cells_script.py"
 ZERO2 = REPO / "jobs" / "configs" / "zero2.json"
 # Test-only hooks, to see the trainer tests fail when a property is broken (never set in CI):
 # AULLM_TEST_ZERO2=<mutated copy of zero2.json> trains the DeepSpeed runs with it, and
-# AULLM_TEST_DS_BREAK=keep-engines|skip-engine-load passes `--break` to the script.
+# AULLM_TEST_DS_BREAK=keep-engines|skip-engine-load|no-destroy|no-adapter-reset passes `--break` to the script.
 TRAIN_CONFIG = Path(os.environ.get("AULLM_TEST_ZERO2", ZERO2))
 BREAK = os.environ.get("AULLM_TEST_DS_BREAK")
 # Probabilities are compared to 1e-6 (results store them rounded to 1e-7). Measured on
@@ -274,8 +274,8 @@ def test_preempted_cell_resumes_through_the_engine_and_a_packed_cell_equals_a_fr
     resumed = _train(tmp_path / "resumed.npz", assets, tmp_path / "cache", CELL_B, CELL_A, checkpoint_dir=ckpt)
     assert int(resumed[CELL_A + ":start_epoch"]) == STOP_AT and len(resumed[CELL_A + ":losses"]) == EPOCHS
     assert not list(ckpt.iterdir())  # a finished cell leaves no checkpoint, engine shards included
+    fresh_gap = _gap(resumed, packed, CELL_B)  # B trained after A in `packed`, first here
     resume_gap = _gap(resumed, packed, CELL_A)
-    fresh_gap = _gap(resumed, packed, CELL_B)
     print(f"\n[deepspeed] one process: resumed vs uninterrupted {resume_gap:.1e}; packed vs fresh {fresh_gap:.1e}")
 
 
