@@ -64,10 +64,11 @@ def prepare(sweep_file: str) -> tuple[Any, dict[str, list[str]], list[Any]]:
     command writes to the sweep directory or talks to a scheduler.
     """
     from orchestrator.cells import expand
-    from orchestrator.spec import load_sweep, validate_paths
+    from orchestrator.spec import check_deepspeed, load_sweep, validate_paths
 
     spec = load_sweep(sweep_file)
     subjects = validate_paths(spec)
+    check_deepspeed(spec)
     cells = expand(spec, subjects)
     return spec, subjects, cells
 
