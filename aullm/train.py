@@ -18,6 +18,7 @@ import gc
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -258,29 +259,38 @@ def llm_dtype(precision: str, *, on_gpu: bool) -> torch.dtype:
 
 
 def _deepspeed_plugin(config: TrainConfig, *, bf16: bool):
-    """DeepSpeed from a JSON config whose "auto" values we fill: without a dataloader to
-    inspect, Accelerate cannot infer the micro-batch size itself."""
-    import json
-
+    """DeepSpeed from a JSON config, checked against the sweep and its "auto" values filled
+    (aullm/deepspeed_config.py: the same rules `validate` applied at submit)."""
     from accelerate.utils import DeepSpeedPlugin
 
-    path = Path(config.deepspeed)
-    if not path.is_file():
-        raise UserInputError(f"training: field 'deepspeed': config file '{path}' does not exist")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserInputError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if ds.get("train_micro_batch_size_per_gpu") == "auto":
-        ds["train_micro_batch_size_per_gpu"] = max(1, config.batch_size // world)
-    if ds.get("train_batch_size") == "auto":
-        ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * world
-    if ds.get("gradient_clipping") == "auto":
-        ds["gradient_clipping"] = 0.0  # the paper does not clip
-    if isinstance(ds.get("bf16"), dict) and ds["bf16"].get("enabled") == "auto":
-        ds["bf16"]["enabled"] = bf16
-    return DeepSpeedPlugin(hf_ds_config=ds)
+    from aullm.deepspeed_compat import patch_scalar_parameter_broadcast
+    from aullm.deepspeed_config import check_config, fill_auto, read_config
+
+    patch_scalar_parameter_broadcast()
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    ds = read_config(config.deepspeed)
+    check_config(ds, path=config.deepspeed, batch_size=config.batch_size, precision=config.precision, processes=processes)
+    return DeepSpeedPlugin(hf_ds_config=fill_auto(ds, batch_size=config.batch_size, processes=processes, bf16=bf16))
+
+
+def _join_process_group(on_gpu: bool) -> None:
+    """Join a process group unless this process is already in one.
+
+    DeepSpeed needs a process group; finding none (and no RANK/WORLD_SIZE), it asks MPI
+    through mpi4py. A task of several processes joined theirs in jobs/process_group.py;
+    a lone process (local executor, one GPU per Slurm task, debug) gets the same shape
+    here: env:// variables for rank 0 of 1, and an in-memory store, so no port is taken.
+    A launcher's env:// variables for several processes (torchrun) are used as they are."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if on_gpu else "gloo"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group(backend=backend)
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def _freeze_what_outlives_cells() -> None:
@@ -331,7 +341,15 @@ class CellTrainer:
         else:
             kwargs["mixed_precision"] = "no"
         if config.deepspeed:
+            _join_process_group(on_gpu)
             kwargs["deepspeed_plugin"] = _deepspeed_plugin(config, bf16=kwargs["mixed_precision"] == "bf16")
+            if not on_gpu:
+                from accelerate.utils import InitProcessGroupKwargs
+
+                # Accelerate drops DeepSpeed under cpu=True, and without a backend it counts
+                # one process whatever the group: name gloo, the group's backend on the CPU.
+                kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+            return kwargs  # DeepSpeed's engine averages the gradients: no DDP settings
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate.utils import DistributedDataParallelKwargs
 
@@ -421,7 +439,9 @@ class CellTrainer:
             steps = 0
             for epoch in range(start_epoch, cfg.epochs):
                 if should_stop is not None and checkpoint_path is not None and should_stop():
-                    if self.accelerator.is_main_process:  # every rank holds the same state: one writer
+                    if self.config.deepspeed:  # each rank holds its own shard of the optimizer state
+                        self._save_engine(checkpoint_path, model)
+                    if self.accelerator.is_main_process:  # the rest is the same on every rank: one writer
                         self._save_checkpoint(checkpoint_path, model, optimizer, epoch, epoch_losses, sampling_rng)
                     self.accelerator.wait_for_everyone()
                     raise Preempted(f"stopped before epoch {epoch}; checkpoint at {checkpoint_path}")
@@ -459,8 +479,9 @@ class CellTrainer:
                 self._recompute_batchnorm_stats(model, split, store, scale)
             probs = self._predict(model, split, store, scale)
             t_end = time.perf_counter()
-            if checkpoint_path is not None and self.accelerator.is_main_process and checkpoint_path.is_file():
-                checkpoint_path.unlink()
+            if checkpoint_path is not None and self.accelerator.is_main_process:
+                checkpoint_path.unlink(missing_ok=True)
+                shutil.rmtree(_engine_dir(checkpoint_path), ignore_errors=True)
         finally:
             self.accelerator.free_memory()
 
@@ -537,7 +558,8 @@ class CellTrainer:
             "epoch_losses": list(epoch_losses),
             "trainable": trainable,
             "buffers": buffers,
-            "optimizer": optimizer.state_dict(),
+            # under DeepSpeed the engine saved the (partitioned) optimizer state beside this file
+            "optimizer": None if self.config.deepspeed else optimizer.state_dict(),
             "rng": _rng_state(),
             "sampling_rng": sampling_rng.bit_generator.state,
         }
@@ -556,8 +578,36 @@ class CellTrainer:
                 named[n].copy_(value)
             for n, value in state["buffers"].items():
                 named_buffers[n].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
+        if self.config.deepspeed:
+            self._load_engine(path, model)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         rng = np.random.default_rng()
         rng.bit_generator.state = state["sampling_rng"]
         return int(state["epoch"]), list(state["epoch_losses"]), rng
+
+    # DeepSpeed: the engine saves and restores what ZeRO partitioned (each rank its shard of
+    # the optimizer state, with the fp32 master weights); the base LLM's frozen weights are
+    # left out, they are reloaded with the task. Every rank calls these (collectives).
+
+    def _save_engine(self, path: Path, model) -> None:
+        model.save_checkpoint(str(_engine_dir(path)), tag=_ENGINE_TAG, exclude_frozen_parameters=True)
+        # rank 0's state file, written next, marks the checkpoint complete: every shard first
+        self.accelerator.wait_for_everyone()
+
+    def _load_engine(self, path: Path, model) -> None:
+        loaded, _ = model.load_checkpoint(
+            str(_engine_dir(path)), tag=_ENGINE_TAG, load_module_strict=False,
+            load_optimizer_states=True, load_lr_scheduler_states=False,
+        )  # fmt: skip
+        if loaded is None:
+            raise RuntimeError(f"no DeepSpeed engine checkpoint in {_engine_dir(path)} beside {path}")
+
+
+_ENGINE_TAG = "cell"
+
+
+def _engine_dir(path: Path) -> Path:
+    """Where the DeepSpeed engine of the cell checkpointed at `path` saves its shards."""
+    return path.with_name(path.name + ".deepspeed")

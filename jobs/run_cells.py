@@ -246,7 +246,15 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
         report.outcomes.update((c.cell_id, "skipped (done)") for c in cells)
         return report.outcomes
     tracking = sweep.tracking_config()
-    trainer = CellTrainer(next(iter(llm_paths)) if llm_paths else None, config)
+    try:
+        trainer = CellTrainer(next(iter(llm_paths)) if llm_paths else None, config)
+    except Exception as exc:  # noqa: BLE001 - said per cell below, then the task fails as before
+        # A trainer that cannot be built (a DeepSpeed config edited since submit, DeepSpeed
+        # failing to start) fails every cell of the task: record why in each result, so
+        # status shows the reason instead of "task ended without writing this cell's result".
+        if main:
+            _record_setup_failure(sweep, cells, exc, processes)
+        raise
     report.llm_load_seconds = trainer.load_seconds
     world_size = trainer.accelerator.num_processes
     if world_size != processes.world_size:
@@ -286,7 +294,7 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
         except Preempted:
             end = _CellEnd("preempted")
         except Exception as exc:  # noqa: BLE001 - a failed cell must not take its pack down
-            end = _CellEnd("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()[-4000:])
+            end = _CellEnd("failed", _one_line(f"{type(exc).__name__}: {exc}"), traceback.format_exc()[-4000:])
         status, rank, end = _settle(processes.gather(end))
         outcomes[cell.cell_id] = status
         if status == "preempted":
@@ -330,6 +338,27 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
         sweep.write_result(cell.cell_id, payload)
         logger.finish("FINISHED", {"final_train_loss": result.epoch_losses[-1] if result.epoch_losses else float("nan")})
     return outcomes
+
+
+def _record_setup_failure(sweep: SweepDir, cells: list[Cell], exc: Exception, processes: TaskProcesses) -> None:
+    """A failed result for each unfinished cell of a task whose trainer could not be built."""
+    error = _one_line(f"{type(exc).__name__}: {exc}")
+    for cell in cells:
+        if sweep.result_exists(cell.cell_id, status="done"):
+            continue
+        sweep.write_result(cell.cell_id, {
+            "cell_id": cell.cell_id, "status": "failed", "error": error,
+            "traceback": traceback.format_exc()[-4000:], "attempt": sweep.bump_attempts(cell.cell_id),
+            "host": socket.gethostname(), "slurm": slurm_ids(), "world_size": processes.world_size,
+            "finished_at": time.time(),
+        })  # fmt: skip
+
+
+def _one_line(error: str, limit: int = 500) -> str:
+    """A cell's error as `status` shows it: one line (DeepSpeed's and pydantic's messages
+    span several), cut to `limit` characters; the full traceback stays in the result."""
+    line = " ".join(error.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _run_record(logger: Any) -> dict[str, Any]:

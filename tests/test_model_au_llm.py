@@ -174,14 +174,29 @@ def test_llm_variants_need_an_llm() -> None:
     assert AULLM("no_llm", NUM_AUS, None)(clips(2)).shape == (2, NUM_AUS)
 
 
-def test_bfloat16_llm_with_float32_cell_modules(tiny_llm: Path) -> None:
-    llm16 = load_base_llm(tiny_llm, dtype="bfloat16")
-    assert llm16.dtype == torch.bfloat16
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])  # the paper recipe's on a GPU; the script's fp16_llm
+def test_half_precision_llm_with_float32_cell_modules(tiny_llm: Path, dtype: str) -> None:
+    """A 16-bit base LLM (loaded so, no autocast) between fp32 cell modules: the visual
+    token is cast down into the LLM, its last hidden state back up for the fp32 head,
+    and the LoRA weights Adam updates stay fp32."""
+    llm16 = load_base_llm(tiny_llm, dtype=dtype)
+    assert llm16.dtype == getattr(torch, dtype)
     model = AULLM.build("all", NUM_AUS, llm16, seed=0)
     logits = model(clips(2))
     assert logits.dtype == torch.float32 and logits.shape == (2, NUM_AUS)
     logits.sum().backward()
     assert model.head.weight.grad is not None and torch.isfinite(model.head.weight.grad).all()
+    lora = llm16.lora_parameters()
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
+
+
+def test_llm_dtype_per_precision() -> None:
+    from aullm.train import llm_dtype
+
+    assert llm_dtype("auto", on_gpu=True) == torch.bfloat16 and llm_dtype("auto", on_gpu=False) == torch.float32
+    assert llm_dtype("fp16_llm", on_gpu=True) == torch.float16 and llm_dtype("fp16_llm", on_gpu=False) == torch.float32
+    assert llm_dtype("bf16", on_gpu=False) == torch.bfloat16 and llm_dtype("fp32", on_gpu=True) == torch.float32
 
 
 def test_prompt_learning_defaults_to_early_fusion(llm: BaseLLM) -> None:

@@ -48,38 +48,69 @@ def casme2_many_subjects(tmp_path_factory: pytest.TempPathFactory):
     return samples, ClipStore.load(samples, tmp_path_factory.mktemp("cache"))
 
 
+def _pooled_auc(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over AUs (with both classes present) of ROC AUC on pooled predictions: how
+    well the model ranks clips, whatever its threshold. A constant predictor scores 0.5."""
+    from sklearn.metrics import roc_auc_score
+
+    cols = [j for j in range(labels.shape[1]) if 0 < labels[:, j].sum() < len(labels)]
+    return float(np.mean([roc_auc_score(labels[:, j], probs[:, j]) for j in cols]))
+
+
 @pytest.mark.slow
 @pytest.mark.learning
-def test_learns_synthetic_au_motion_better_than_controls(casme2_many_subjects, tiny_llm):
-    """LOSO over a few folds: pooled binary F1 clearly above a constant predictor and a
-    shuffled-label control trained the same way.
+@pytest.mark.parametrize(
+    "recipe, variant",
+    [("paper", "all"), ("paper", "no_llm"), ("script", "all")],
+    ids=["paper-all", "paper-no_llm", "script-all"],
+)
+def test_learns_synthetic_au_motion_better_than_controls(casme2_many_subjects, tiny_llm, recipe, variant):
+    """LOSO over a few folds: clearly better than a constant predictor and than a
+    shuffled-label control trained the same way, under each recipe, with and without
+    the LLM. 40 epochs at lr 1e-3 stand in for the paper's 350 at 3e-5 on the CPU.
 
-    The paper's loss (ASL) and the fixed 0.5 threshold; 40 epochs at lr 1e-3 stand in for
-    the paper's 350 at 3e-5 on the CPU. It passes because each cell recomputes BatchNorm
-    statistics over its training clips before predicting (`batchnorm_stats`, docs/results.md):
-    with the training-time moving averages, F1 sat at the constant predictor's level.
+    Paper recipe: pooled binary F1 at the fixed 0.5 threshold, the headline protocol. It
+    passes because each cell recomputes BatchNorm statistics over its training clips
+    before predicting (docs/results.md); with the training-time moving averages, F1 sat
+    at the constant predictor's level.
+
+    Script recipe: it predicts with those moving averages, as the released script does,
+    and its probabilities do not mean what they say at 0.5 (measured: pooled F1 0.06
+    against the constant's 0.29 on this data, while the same recipe with recomputed
+    statistics reaches 0.41). The script chose each AU's threshold on the test set, which
+    hides that. So here the script recipe must show that it learns by ranking, pooled ROC
+    AUC, threshold-free and with nothing fitted on the test clips: a margin of 0.10 over
+    the shuffled-label control and over the constant predictor (AUC 0.5).
     """
     samples, store = casme2_many_subjects
-    config = TrainConfig(epochs=40, lr=1e-3, token_position="append")
-    trainer = CellTrainer(tiny_llm, config)
+    # the visual token appended after the prompt, as the script, in both (it learns faster here)
+    config = TrainConfig(recipe=recipe, epochs=40, lr=1e-3, token_position="append")
+    trainer = CellTrainer(tiny_llm if variant != "no_llm" else None, config)
     real, shuffled, labels = [], [], []
     for subject in loso_subjects(samples)[:3]:
         split = loso_split(samples, subject, AUS)
-        r = trainer.run(split, store, "all", 1, config)
-        s = trainer.run(_shuffled(split, 7), store, "all", 1, config)
+        r = trainer.run(split, store, variant, 1, config)
+        s = trainer.run(_shuffled(split, 7), store, variant, 1, config)
         assert r.epoch_losses[-1] < r.epoch_losses[0]
         real.append(r.probs)
         shuffled.append(s.probs)
         labels.append(r.labels)
     y = np.concatenate(labels)
+    p_real, p_shuffled = np.concatenate(real), np.concatenate(shuffled)
     present = y.sum(axis=0) > 0  # an AU absent from every test fold scores 0 for any predictor
-    f1_real = pooled_binary_f1(np.concatenate(real), y)[present].mean()
-    f1_shuffled = pooled_binary_f1(np.concatenate(shuffled), y)[present].mean()
+    f1_real = pooled_binary_f1(p_real, y)[present].mean()
+    f1_shuffled = pooled_binary_f1(p_shuffled, y)[present].mean()
     # the best constant predictor for binary F1 says "positive" for every clip
     f1_constant = pooled_binary_f1(np.ones_like(y, dtype=float), y)[present].mean()
-    print(f"pooled binary F1: model {f1_real:.3f}, shuffled labels {f1_shuffled:.3f}, constant {f1_constant:.3f}")
-    assert f1_real > f1_constant + 0.10
-    assert f1_real > f1_shuffled + 0.10
+    auc_real, auc_shuffled = _pooled_auc(p_real, y), _pooled_auc(p_shuffled, y)
+    print(f"{recipe}/{variant}: pooled binary F1 model {f1_real:.3f}, shuffled labels {f1_shuffled:.3f}, "
+          f"constant {f1_constant:.3f}; pooled ROC AUC model {auc_real:.3f}, shuffled {auc_shuffled:.3f}")
+    if recipe == "paper":
+        assert f1_real > f1_constant + 0.10
+        assert f1_real > f1_shuffled + 0.10
+    else:
+        assert auc_real > 0.5 + 0.10
+        assert auc_real > auc_shuffled + 0.10
 
 
 # Cells of the packing tests: `<subject index>:<variant>:<seed>`. Each packed order trains

@@ -20,10 +20,11 @@ if TYPE_CHECKING:
 def prepare(sweep_file: str) -> tuple[SweepSpec, dict[str, list[str]], list[Cell]]:
     """Load a sweep file, check its paths, expand it: (spec, subjects by dataset, cells)."""
     from orchestrator.sweep.cells import expand
-    from orchestrator.sweep.spec import load_sweep, validate_paths
+    from orchestrator.sweep.spec import check_deepspeed, load_sweep, validate_paths
 
     spec = load_sweep(sweep_file)
     subjects = validate_paths(spec)
+    check_deepspeed(spec)
     cells = expand(spec, subjects)
     return spec, subjects, cells
 

@@ -222,13 +222,16 @@ def log_group_runs(
                 "aullm.sweep": sweep_name, "aullm.protocol": group.key.kind, "aullm.dataset": group.key.data,
                 "aullm.llm": group.key.llm or "none", "aullm.variant": group.key.variant,
                 "aullm.seeds": ",".join(map(str, group.seeds)), "aullm.missing": group.missing_text()[:4000],
+                "aullm.recipe": group.recipe, "aullm.like_against_like": str(group.like_against_like).lower(),
+                "aullm.synthetic": str(group.synthetic).lower(),
                 TAG_NOTE: _note(group),
             }  # fmt: skip
             have_tags = run.data.tags
             new_tags = [RunTag(k, v) for k, v in tags.items() if have_tags.get(k) != v]
             # Params never change for a group (MLflow refuses to change a param's value).
             params = {"protocol": group.key.kind, "dataset": group.key.data, "llm": group.key.llm or "none",
-                      "variant": group.key.variant, "layout": group.layout, "headline": HEADLINE_PROTOCOL}  # fmt: skip
+                      "variant": group.key.variant, "layout": group.layout, "headline": HEADLINE_PROTOCOL,
+                      "recipe": group.recipe}  # fmt: skip
             new_params = [Param(k, v) for k, v in params.items() if k not in run.data.params]
             have_metrics = run.data.metrics
             now = int(time.time() * 1000)

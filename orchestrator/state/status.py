@@ -325,6 +325,7 @@ def sweep_summary(sweep: SweepDir) -> dict[str, Any]:
 
 def render(summary: dict[str, Any], sweep_path: Path) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress_bar import ProgressBar
     from rich.table import Table
 
@@ -343,7 +344,10 @@ def render(summary: dict[str, Any], sweep_path: Path) -> None:
     if summary.get("cost"):
         console.print(cost_line(summary["cost"]), markup=False, highlight=False, soft_wrap=True)
     for f in summary["failed"][:50]:
-        console.print(f"[red]{f['state']}[/red] {f['cell_id']}: {f['reason']}  log: {f['log_path']}")
+        # one line per cell whatever the terminal's width, and the reason verbatim: DeepSpeed's
+        # and pydantic's messages hold [brackets] that rich would take for markup
+        console.print(f"[red]{f['state']}[/red] {f['cell_id']}: {escape(str(f['reason']))}  log: {f['log_path']}",
+                      soft_wrap=True, highlight=False)
     if len(summary["failed"]) > 50:
         console.print(f"... and {len(summary['failed']) - 50} more (use --json)")
 

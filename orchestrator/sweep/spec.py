@@ -1005,3 +1005,25 @@ def validate_paths(spec: SweepSpec) -> dict[str, list[str]]:
     for name in spec.used_llms():
         _check_llm(spec, name)
     return subjects
+
+
+def check_deepspeed(spec: SweepSpec) -> str | None:
+    """When the sweep names DeepSpeed: its config parses and fits the sweep (batch size,
+    precision, ZeRO stage, processes per task), and DeepSpeed imports and accepts it.
+    Returns DeepSpeed's version (None without DeepSpeed); one-line UserInputError otherwise.
+
+    The same rules run again on the node (aullm.train), so what passes here trains there;
+    finding a bad config now costs seconds instead of a whole run of failed cells."""
+    if spec.training.deepspeed is None:
+        return None
+    from aullm.deepspeed_config import check_config, probe, read_config
+
+    path = Path(spec.training.deepspeed)
+    try:
+        ds = read_config(path)
+        check_config(ds, path=path, batch_size=spec.training.batch_size, precision=spec.training.precision,
+                     processes=spec.resources.processes_per_task)
+        return probe(ds, path=path, batch_size=spec.training.batch_size)
+    except UserInputError as exc:
+        # name the sweep file too: the config's own path alone does not say which sweep used it
+        raise UserInputError(f"{spec.source}: training.deepspeed: {exc}") from None
