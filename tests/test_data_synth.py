@@ -11,6 +11,7 @@ import openpyxl
 import pytest
 
 from aullm.constants import DATASET_AUS
+from aullm.constants import SYNTHETIC_MARKER
 from aullm.data import ClipStore, loso_subjects, parse_au_string, read_dataset, write_synthetic
 from aullm.data.synth import _PLANS, AU_REGIONS, _plan_clips
 from aullm.errors import UserInputError
@@ -59,6 +60,7 @@ def test_small_sets_keep_the_official_layout(layout: str, tmp_path: Path) -> Non
     expected_dirs = {"casme2": "CASME2_RAW_selected", "samm": "SAMM", "4dme": "4DME"}
     assert sorted(p.name for p in root.iterdir()) == sorted(
         [
+            SYNTHETIC_MARKER,  # how the tables know the data is synthetic (docs/results.md)
             expected_dirs[layout],
             {
                 "casme2": "CASME2-coding-20140508.xlsx",
