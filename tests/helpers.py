@@ -183,6 +183,32 @@ def wait_all_finished(sweep_dir: Path, *, timeout_s: float = 600, poll_s: float 
         time.sleep(poll_s)
 
 
+def fail_unless_the_node_fits(cluster_cpus: int, processes: int) -> None:
+    """A task of `processes` one-CPU processes must fit the dev node, or the test says why it cannot run."""
+    import pytest
+
+    if cluster_cpus < processes:
+        pytest.fail(f"the dev node has {cluster_cpus} CPUs; a task of {processes} one-CPU processes must fit")
+
+
+def submit_and_wait(sweep_file: Path, *, timeout_s: float = 600) -> dict[str, Any]:
+    """`aullm-grid submit SWEEP --json`, then wait for every cell; the sweep's jobs are cancelled
+    afterwards however it went, so the shared cluster is left quiet. Returns the submit result."""
+    out_dir = load_output_dir(sweep_file)
+    try:
+        submitted = run_cli("submit", sweep_file, "--json").check().json()
+        wait_all_finished(out_dir, timeout_s=timeout_s)
+    finally:
+        run_cli("cancel", sweep_file, timeout_s=60)
+    return submitted
+
+
+def load_output_dir(sweep_file: Path) -> Path:
+    from orchestrator.sweep.spec import load_sweep
+
+    return Path(load_sweep(str(sweep_file)).output_dir)
+
+
 def result_files(sweep_dir: Path) -> list[Path]:
     """Every committed result file (temp files of an atomic write start with a dot)."""
     return sorted(p for p in (Path(sweep_dir) / "results").glob("*.json") if not p.name.startswith("."))

@@ -39,10 +39,12 @@ from tests.helpers import (
     CLI_ENV,
     GridAssets,
     cell_predictions,
+    fail_unless_the_node_fits,
     manifest_cell_ids,
     result_files,
     run_cli,
     shared_assets,
+    submit_and_wait,
     sweep_dict,
     wait_all_finished,
 )
@@ -373,16 +375,11 @@ def test_local_executor_two_processes_under_zero2(assets: GridAssets, reference4
 def test_slurm_tasks_under_zero2(
     dev_slurm: ClusterInfo, assets: GridAssets, reference4: Path, tmp_path: Path, processes: int  # noqa: F811
 ) -> None:
-    if dev_slurm.cpus < processes:
-        pytest.fail(f"the dev node has {dev_slurm.cpus} CPUs; a task of {processes} one-CPU processes must fit")
+    fail_unless_the_node_fits(dev_slurm.cpus, processes)
     sweep = _e2e_sweep(tmp_path, assets, executor="slurm", processes=processes)
     out = sweep.parent / "out"
     t0 = time.monotonic()
-    try:
-        submitted = run_cli("submit", sweep, "--json").check().json()
-        wait_all_finished(out, timeout_s=SWEEP_TIMEOUT_S)
-    finally:
-        run_cli("cancel", sweep, timeout_s=60)
+    submitted = submit_and_wait(sweep, timeout_s=SWEEP_TIMEOUT_S)
     worst = _assert_done_and_equal(out, reference4, world_size=processes)
     (array_id,) = submitted["array_job_ids"]
     script = (out / "jobs" / array_id / f"{array_id}_submission.sh").read_text()

@@ -38,8 +38,10 @@ from tests.helpers import (
     assert_every_cell_done_once,
     cell_predictions,
     epochs_reported,
+    fail_unless_the_node_fits,
     run_cli,
     shared_assets,
+    submit_and_wait,
     sweep_dict,
     wait_all_finished,
 )
@@ -200,16 +202,11 @@ def test_local_executor_two_processes_give_the_one_process_predictions(
 def test_slurm_two_process_tasks_give_the_one_process_predictions(
     dev_slurm: ClusterInfo, assets: GridAssets, reference: Path, tmp_path: Path  # noqa: F811
 ) -> None:
-    if dev_slurm.cpus < PROCESSES:
-        pytest.fail(f"the dev node has {dev_slurm.cpus} CPUs; a task of {PROCESSES} one-CPU processes must fit")
+    fail_unless_the_node_fits(dev_slurm.cpus, PROCESSES)
     sweep_file = _sweep_file(tmp_path, assets, executor="slurm", processes=PROCESSES)
     out = sweep_file.parent / "out"
     t0 = time.monotonic()
-    try:
-        submitted = run_cli("submit", sweep_file, "--json").check().json()
-        wait_all_finished(out, timeout_s=SWEEP_TIMEOUT_S)
-    finally:
-        run_cli("cancel", sweep_file, timeout_s=60)
+    submitted = submit_and_wait(sweep_file, timeout_s=SWEEP_TIMEOUT_S)
     assert submitted["tasks"] == 2
     payloads = _assert_one_done_result_per_cell(out, world_size=PROCESSES)
     worst = _assert_same_predictions(out, reference)
