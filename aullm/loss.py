@@ -93,10 +93,6 @@ class AsymmetricLoss(nn.Module):
             detach_focusing=detach_focusing,
         )
 
-    @classmethod
-    def from_settings(cls, s: AslSettings) -> "AsymmetricLoss":
-        return cls(s.gamma_pos, s.gamma_neg, s.clip, s.eps, s.form, s.reduction, s.detach_focusing)
-
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         if logits.shape != targets.shape or logits.dim() != 2:
             raise ValueError(
