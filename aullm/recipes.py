@@ -37,7 +37,9 @@ RECIPE_VALUES: dict[str, dict[str, Any]] = {
         "batchnorm_stats": "recompute",
         "asl_form": "official",  # Eq. 4
         "loss_reduction": "mean",  # Eq. 4: -1/N sum_i sum_j
-        "efp_activation": "tanh",  # Eq. 3: sigma on the EFP output (which sigma is not said)
+        # Eq. 3: sigma on the EFP output, "a non-linear activation"; the symbol's usual
+        # meaning, the logistic sigmoid (docs/results.md says why not tanh)
+        "efp_activation": "sigmoid",
         "precision": "auto",  # bf16 LLM on a GPU, LED and 3D-CNN in fp32; fp32 on the CPU
     },
     "script": {

@@ -13,8 +13,8 @@ Each variant decides which features it reads and how it maps them:
 
 The paper's Eq. (3) puts an activation sigma on the EFP output ("a non-linear
 activation", not named); the released script has none. `activation` is that switch
-(`training.efp_activation`): the paper recipe takes tanh (it keeps the token's sign, as
-real token embeddings have, and bounds it), the script recipe none. It applies to the
+(`training.efp_activation`): the paper recipe takes the logistic sigmoid, what the
+symbol sigma usually denotes; the script recipe none. It applies to the
 variants whose token comes from the EFP or its ablations (all, f_high, f_mid,
 efp_linear); prompt_learning has no EFP and no_llm no token.
 """

@@ -341,7 +341,7 @@ class TrainingSpec(_Strict):
     lora_alpha: int = Field(32, gt=0, description="LoRA alpha (paper: 32)")
     lora_dropout: float = Field(0.1, ge=0, lt=1, description="LoRA dropout")
     efp_activation: Literal["none", "tanh", "gelu", "relu", "sigmoid"] | None = Field(
-        None, description="activation on the EFP output token (paper Eq. 3: tanh here; script: none); unset: the recipe's"
+        None, description="activation on the EFP output token (paper Eq. 3's sigma: sigmoid here; script: none); unset: the recipe's"
     )
     prompt_fusion: Literal["early", "late"] = Field(
         "early",
