@@ -83,10 +83,9 @@ def resolve(values: Mapping[str, Any], recipe: str | None = None) -> dict[str, A
     return out
 
 
-def overrides(values: Mapping[str, Any]) -> dict[str, Any]:
-    """The recipe fields of resolved `values` that differ from their recipe's value."""
-    name = check_recipe(values.get("recipe") or DEFAULT_RECIPE)
-    return {k: values[k] for k, v in RECIPE_VALUES[name].items() if k in values and values[k] != v}
+def differs_from(values: Mapping[str, Any], recipe: str) -> tuple[str, ...]:
+    """The recipe fields of resolved `values` whose value is not `recipe`'s, in table order."""
+    return tuple(k for k, v in RECIPE_VALUES[check_recipe(recipe)].items() if values.get(k) != v)
 
 
 def recorded(training: Mapping[str, Any]) -> dict[str, Any]:

@@ -34,11 +34,12 @@ from aullm.data.folds import Split, label_matrix
 from aullm.data.samples import Sample
 from aullm.errors import UserInputError
 from aullm.loss import AsymmetricLoss
+from aullm.recipes import RECIPES
 
 
 # Closed choices of TrainConfig, checked with one-line errors (the Literal types are not enforced).
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "recipe": ("paper", "script"),
+    "recipe": RECIPES,
     "token_position": TOKEN_POSITIONS,
     "prompt_special_tokens": ("tokenizer", "none"),
     "train_sampling": ("script", "linspace"),
@@ -360,9 +361,6 @@ class CellTrainer:
             kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
         return kwargs
 
-    def _uses_bf16(self) -> bool:
-        return self.accelerator.mixed_precision == "bf16"
-
     def run(
         self,
         split: Split,
@@ -381,7 +379,7 @@ class CellTrainer:
         `should_stop()` turns true (a preemption signal) it saves one and raises
         `Preempted`, so a requeued task continues at the same epoch.
         """
-        from aullm.model.au_llm import AULLM
+        from aullm.model.au_llm import AULLM, ModelSettings
 
         cfg = config or self.config
         cfg.check()
@@ -398,18 +396,9 @@ class CellTrainer:
         seed_everything(seed)
         if needs_llm:
             self.llm.reset_adapters(seed)
-        model = AULLM(
-            variant,
-            len(split.aus),
-            self.llm if needs_llm else None,
-            dropout=cfg.dropout,
-            token_position=cfg.token_position,
-            prompt=cfg.prompt,
-            prompt_special_tokens=cfg.prompt_special_tokens,
-            num_prompt_vectors=cfg.num_prompt_vectors,
-            prompt_fusion=cfg.prompt_fusion,
-            efp_activation=cfg.efp_activation,
-        ).to(self.device)
+        # every ModelSettings field has its namesake in TrainConfig
+        settings = ModelSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelSettings)})
+        model = AULLM.build(variant, len(split.aus), self.llm if needs_llm else None, settings).to(self.device)
         params = [p for p in model.trainable_parameters()]
         # fused Adam: one kernel over all tensors; 4.5x faster than the loop on a 2-core CPU
         # for the 60M-parameter EFP, and available on CUDA too.

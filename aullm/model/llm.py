@@ -86,11 +86,7 @@ class BaseLLM(nn.Module):
     def embed_prompt(self, text: str) -> Tensor:
         """Token embeddings of `text`, shape (1, L, D). No special tokens are added:
         the prompt is the paper's plain text, and the visual token sits beside it."""
-        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        if ids.shape[1] == 0:
-            raise UserInputError(f"prompt {text!r} tokenises to nothing; give a non-empty prompt")
-        with torch.no_grad():
-            return self.input_embeddings(ids.to(self.device)).detach()
+        return self.embed_prompt_parts(text, special_tokens=False)[1]
 
     def embed_prompt_parts(self, text: str, *, special_tokens: bool) -> tuple[Tensor, Tensor]:
         """(leading special tokens (1, P, D), the rest (1, L, D)) of `text` tokenised with

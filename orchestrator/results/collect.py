@@ -395,11 +395,11 @@ def training_context(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """collect_groups' `recipe`, `differs_from_script` and `synthetic_datasets`, from the
     manifest: its resolved training settings and its datasets' roots."""
     from aullm.constants import is_synthetic_dataset
-    from aullm.recipes import RECIPE_VALUES, recorded
+    from aullm.recipes import differs_from, recorded
 
     spec = manifest.get("spec") or {}
     training = recorded(spec.get("training") or {})
-    differs = tuple(k for k, v in RECIPE_VALUES["script"].items() if training.get(k) != v)
+    differs = differs_from(training, "script")
     datasets = spec.get("datasets") or {}
     synthetic = {
         str(name)
