@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,17 @@ def samm_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from aullm.data.synth import write_synthetic
 
     return write_synthetic("samm", tmp_path_factory.mktemp("data") / "samm", subjects=4, seed=1)
+
+
+@pytest.fixture(scope="session")
+def casme2_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 subjects x 2 clips in the CASME II layout: enough for the readers and the clip cache."""
+    from aullm.data.synth import write_synthetic
+
+    return write_synthetic("casme2", tmp_path_factory.mktemp("tiny") / "casme2", subjects=2, clips_per_subject=2)
+
+
+@pytest.fixture
+def casme2_copy(casme2_tiny: Path, tmp_path: Path) -> Path:
+    """A private copy of `casme2_tiny`, for a test that damages or edits it."""
+    return Path(shutil.copytree(casme2_tiny, tmp_path / "casme2"))

@@ -203,6 +203,12 @@ def submit_and_wait(sweep_file: Path, *, timeout_s: float = 600) -> dict[str, An
     return submitted
 
 
+def array_submission_script(out_dir: Path, submitted: dict[str, Any]) -> str:
+    """The sbatch script of a sweep submitted as one array (what Slurm was asked for)."""
+    (array_id,) = submitted["array_job_ids"]
+    return (Path(out_dir) / "jobs" / array_id / f"{array_id}_submission.sh").read_text()
+
+
 def load_output_dir(sweep_file: Path) -> Path:
     from orchestrator.sweep.spec import load_sweep
 

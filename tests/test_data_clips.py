@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -61,18 +60,10 @@ def test_train_frame_indices_short_clips_and_determinism() -> None:
 # ---------------------------------------------------------------- the cache
 
 
-@pytest.fixture(scope="module")
-def small_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_synthetic("casme2", tmp_path_factory.mktemp("clips") / "casme2", subjects=2, clips_per_subject=2)
 
 
-@pytest.fixture
-def root(small_root: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(small_root, tmp_path / "casme2"))
-
-
-def test_cache_second_load_decodes_nothing(root: Path, tmp_path: Path) -> None:
-    samples = read_dataset("casme2", root)
+def test_cache_second_load_decodes_nothing(casme2_copy: Path, tmp_path: Path) -> None:
+    samples = read_dataset("casme2", casme2_copy)
     total = sum(s.num_frames for s in samples)
     cache = tmp_path / "cache"
 
@@ -92,8 +83,8 @@ def test_cache_second_load_decodes_nothing(root: Path, tmp_path: Path) -> None:
         np.testing.assert_array_equal(frames, cold.frames(sample))
 
 
-def test_frames_are_grayscale_bilinear_64(root: Path) -> None:
-    sample = read_dataset("casme2", root)[0]
+def test_frames_are_grayscale_bilinear_64(casme2_copy: Path) -> None:
+    sample = read_dataset("casme2", casme2_copy)[0]
     store = ClipStore.load([sample], None)
     with Image.open(sample.frame_paths[4]) as image:
         assert image.mode == "RGB"  # synthetic CASME II frames are colour, like the real ones
@@ -104,8 +95,8 @@ def test_frames_are_grayscale_bilinear_64(root: Path) -> None:
     assert store.cache_files == ()
 
 
-def test_changed_frame_invalidates_the_cache(root: Path, tmp_path: Path) -> None:
-    samples = read_dataset("casme2", root)
+def test_changed_frame_invalidates_the_cache(casme2_copy: Path, tmp_path: Path) -> None:
+    samples = read_dataset("casme2", casme2_copy)
     first = ClipStore.load(samples, tmp_path / "cache")
     target = samples[1].frame_paths[2]
     Image.fromarray(np.full((128, 128), 7, dtype=np.uint8)).save(target, format="JPEG")
@@ -116,8 +107,8 @@ def test_changed_frame_invalidates_the_cache(root: Path, tmp_path: Path) -> None
     assert not np.array_equal(first.frames(samples[1])[2], second.frames(samples[1])[2])
 
 
-def test_damaged_cache_is_rebuilt(root: Path, tmp_path: Path) -> None:
-    samples = read_dataset("casme2", root)
+def test_damaged_cache_is_rebuilt(casme2_copy: Path, tmp_path: Path) -> None:
+    samples = read_dataset("casme2", casme2_copy)
     first = ClipStore.load(samples, tmp_path / "cache")
     path = first.cache_files[0]
     path.write_bytes(path.read_bytes()[:1000])  # e.g. a node died mid-copy outside our atomic write
@@ -129,8 +120,8 @@ def test_damaged_cache_is_rebuilt(root: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("content", [b"", b"\xff\xd8\xff\xe0 not really a jpeg"])
-def test_unreadable_frame_names_the_file(root: Path, tmp_path: Path, content: bytes) -> None:
-    samples = read_dataset("casme2", root)
+def test_unreadable_frame_names_the_file(casme2_copy: Path, tmp_path: Path, content: bytes) -> None:
+    samples = read_dataset("casme2", casme2_copy)
     bad = samples[0].frame_paths[1]
     Path(bad).write_bytes(content)
     with pytest.raises(UserInputError, match=rf"frame '{bad}' is not a readable image"):
@@ -138,16 +129,16 @@ def test_unreadable_frame_names_the_file(root: Path, tmp_path: Path, content: by
     assert not any((tmp_path / "cache").glob("*.npz"))  # nothing cached from a failed load
 
 
-def test_truncated_jpeg_is_an_error(root: Path) -> None:
-    sample = read_dataset("casme2", root)[0]
+def test_truncated_jpeg_is_an_error(casme2_copy: Path) -> None:
+    sample = read_dataset("casme2", casme2_copy)[0]
     path = Path(sample.frame_paths[0])
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(UserInputError, match="is not a readable image"):
         ClipStore.load([sample], None, workers=1)
 
 
-def test_batch_returns_raw_float_values(root: Path) -> None:
-    samples = read_dataset("casme2", root)
+def test_batch_returns_raw_float_values(casme2_copy: Path) -> None:
+    samples = read_dataset("casme2", casme2_copy)
     store = ClipStore.load(samples, None)
     batch = store.batch(samples, test_frame_indices)
     assert batch.shape == (len(samples), 6, 64, 64) and batch.dtype == np.float32
@@ -160,8 +151,8 @@ def test_batch_returns_raw_float_values(root: Path) -> None:
     np.testing.assert_array_equal(train[:, 0], batch[:, 0])  # both start at the onset
 
 
-def test_one_cache_file_per_dataset(root: Path, tmp_path: Path) -> None:
-    casme = read_dataset("casme2", root)
+def test_one_cache_file_per_dataset(casme2_copy: Path, tmp_path: Path) -> None:
+    casme = read_dataset("casme2", casme2_copy)
     samm_root = write_synthetic("samm", tmp_path / "samm", subjects=1, clips_per_subject=1)
     samm = read_dataset("samm", samm_root)
     store = ClipStore.load(casme + samm, tmp_path / "cache")
@@ -174,8 +165,8 @@ def test_one_cache_file_per_dataset(root: Path, tmp_path: Path) -> None:
         store.frames(missing)
 
 
-def test_merged_store_serves_every_clip_of_its_parts(root: Path, tmp_path: Path) -> None:
-    samples = read_dataset("casme2", root)
+def test_merged_store_serves_every_clip_of_its_parts(casme2_copy: Path, tmp_path: Path) -> None:
+    samples = read_dataset("casme2", casme2_copy)
     half = len(samples) // 2
     first, second = ClipStore.load(samples[:half], tmp_path), ClipStore.load(samples[half:], tmp_path / "b")
     merged = ClipStore.merged([first, second])

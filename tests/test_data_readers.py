@@ -86,15 +86,6 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module")
-def tiny_casme(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_synthetic("casme2", tmp_path_factory.mktemp("tiny") / "casme2", subjects=1, clips_per_subject=2)
-
-
-@pytest.fixture
-def casme_copy(tiny_casme: Path, tmp_path: Path) -> Path:
-    """A private copy of a tiny CASME II for tests that damage it."""
-    return Path(shutil.copytree(tiny_casme, tmp_path / "casme2"))
 
 
 def _sheet_rows(path: Path, header_row: int) -> tuple[list[str], list[tuple[object, ...]]]:
@@ -186,29 +177,29 @@ def test_4dme_reader(datasets: dict[str, Path]) -> None:
     assert Path(samples[0].frame_paths[0]) == root / "4DME" / "S1" / samples[0].clip / f"{samples[0].onset}.jpg"
 
 
-def test_sheet_and_frames_dir_overrides(casme_copy: Path, tmp_path: Path) -> None:
-    (casme_copy / "CASME2_RAW_selected").rename(casme_copy / "Cropped")
+def test_sheet_and_frames_dir_overrides(casme2_copy: Path, tmp_path: Path) -> None:
+    (casme2_copy / "CASME2_RAW_selected").rename(casme2_copy / "Cropped")
     with pytest.raises(UserInputError, match=r"frames folder .*CASME2_RAW_selected.* not found.*Cropped.*frames_dir="):
-        read_dataset("casme2", casme_copy)
-    relative = read_dataset("casme2", casme_copy, frames_dir="Cropped")
-    absolute = read_dataset("casme2", casme_copy, frames_dir=casme_copy / "Cropped")
-    assert relative == absolute and len(relative) == 2
+        read_dataset("casme2", casme2_copy)
+    relative = read_dataset("casme2", casme2_copy, frames_dir="Cropped")
+    absolute = read_dataset("casme2", casme2_copy, frames_dir=casme2_copy / "Cropped")
+    assert relative == absolute and len(relative) == 4  # 2 subjects x 2 clips
     assert all("/Cropped/" in p for s in relative for p in s.frame_paths)
 
     moved = tmp_path / "elsewhere" / "my-coding.xlsx"
     moved.parent.mkdir()
-    (casme_copy / CASME_SHEET).rename(moved)
+    (casme2_copy / CASME_SHEET).rename(moved)
     with pytest.raises(UserInputError, match=r"no casme2 coding sheet matching 'CASME2-coding-\*\.xlsx'"):
-        read_dataset("casme2", casme_copy, frames_dir="Cropped")
-    assert read_dataset("casme2", casme_copy, sheet=moved, frames_dir="Cropped") == relative
-    shutil.copy(moved, casme_copy / "codes-v3.xlsx")
-    assert read_dataset("casme2", casme_copy, sheet="codes-*.xlsx", frames_dir="Cropped") == relative
+        read_dataset("casme2", casme2_copy, frames_dir="Cropped")
+    assert read_dataset("casme2", casme2_copy, sheet=moved, frames_dir="Cropped") == relative
+    shutil.copy(moved, casme2_copy / "codes-v3.xlsx")
+    assert read_dataset("casme2", casme2_copy, sheet="codes-*.xlsx", frames_dir="Cropped") == relative
 
 
-def test_two_candidate_sheets_is_an_error(casme_copy: Path) -> None:
-    shutil.copy(casme_copy / CASME_SHEET, casme_copy / "CASME2-coding-20990101.xlsx")
+def test_two_candidate_sheets_is_an_error(casme2_copy: Path) -> None:
+    shutil.copy(casme2_copy / CASME_SHEET, casme2_copy / "CASME2-coding-20990101.xlsx")
     with pytest.raises(UserInputError, match=r"several coding sheets match .*sheet="):
-        read_dataset("casme2", casme_copy)
+        read_dataset("casme2", casme2_copy)
 
 
 # ---------------------------------------------------------------- errors
@@ -252,36 +243,36 @@ def test_missing_column_names_file_and_column(
     assert f"required column '{column}' missing" in str(err.value)
 
 
-def test_au_string_without_digits_names_the_row(casme_copy: Path) -> None:
-    _edit_sheet(casme_copy / CASME_SHEET, 1, "Action Units", 2, "none")
+def test_au_string_without_digits_names_the_row(casme2_copy: Path) -> None:
+    _edit_sheet(casme2_copy / CASME_SHEET, 1, "Action Units", 2, "none")
     with pytest.raises(UserInputError, match=r"^CASME2-coding-20140508\.xlsx row 3: AU string 'none' has no AU number"):
-        read_dataset("casme2", casme_copy)
+        read_dataset("casme2", casme2_copy)
 
 
-def test_missing_clip_folder(casme_copy: Path) -> None:
-    sample = read_dataset("casme2", casme_copy)[1]
+def test_missing_clip_folder(casme2_copy: Path) -> None:
+    sample = read_dataset("casme2", casme2_copy)[1]
     shutil.rmtree(Path(sample.frame_paths[0]).parent)
     with pytest.raises(UserInputError, match=rf"row 3: clip folder .*sub01/{sample.clip}' not found"):
-        read_dataset("casme2", casme_copy)
+        read_dataset("casme2", casme2_copy)
 
 
-def test_missing_frame_is_a_count_contradiction(casme_copy: Path) -> None:
-    sample = read_dataset("casme2", casme_copy)[0]
+def test_missing_frame_is_a_count_contradiction(casme2_copy: Path) -> None:
+    sample = read_dataset("casme2", casme2_copy)[0]
     Path(sample.frame_paths[3]).unlink()
     n = sample.offset - sample.onset + 1
     with pytest.raises(UserInputError) as err:
-        read_dataset("casme2", casme_copy)
+        read_dataset("casme2", casme2_copy)
     message = str(err.value)
     assert f"clip folder '{Path(sample.frame_paths[0]).parent}'" in message
     assert f"(expected {n}) but found {n - 1}" in message
     assert f"first missing: frame {sample.onset + 3}" in message
 
 
-def test_offset_beyond_the_frames_is_a_count_contradiction(casme_copy: Path) -> None:
-    sample = read_dataset("casme2", casme_copy)[0]
-    _edit_sheet(casme_copy / CASME_SHEET, 1, "OffsetFrame", 1, sample.offset + 5)
+def test_offset_beyond_the_frames_is_a_count_contradiction(casme2_copy: Path) -> None:
+    sample = read_dataset("casme2", casme2_copy)[0]
+    _edit_sheet(casme2_copy / CASME_SHEET, 1, "OffsetFrame", 1, sample.offset + 5)
     with pytest.raises(UserInputError, match=rf"expected {sample.num_frames + 5}\) but found {sample.num_frames}"):
-        read_dataset("casme2", casme_copy)
+        read_dataset("casme2", casme2_copy)
 
 
 @pytest.mark.parametrize(
@@ -293,43 +284,43 @@ def test_offset_beyond_the_frames_is_a_count_contradiction(casme_copy: Path) -> 
         ("Filename", None, r"row 2: column 'Filename' is empty"),
     ],
 )
-def test_bad_cells(casme_copy: Path, column: str, value: object, pattern: str) -> None:
-    _edit_sheet(casme_copy / CASME_SHEET, 1, column, 1, value)
+def test_bad_cells(casme2_copy: Path, column: str, value: object, pattern: str) -> None:
+    _edit_sheet(casme2_copy / CASME_SHEET, 1, column, 1, value)
     with pytest.raises(UserInputError, match=pattern):
-        read_dataset("casme2", casme_copy)
+        read_dataset("casme2", casme2_copy)
 
 
-def test_not_an_xlsx(casme_copy: Path) -> None:
-    (casme_copy / CASME_SHEET).write_bytes(b"this is not a workbook")
+def test_not_an_xlsx(casme2_copy: Path) -> None:
+    (casme2_copy / CASME_SHEET).write_bytes(b"this is not a workbook")
     with pytest.raises(UserInputError, match=r"is not a readable \.xlsx file"):
-        read_dataset("casme2", casme_copy)
+        read_dataset("casme2", casme2_copy)
 
 
-def test_duplicate_row(casme_copy: Path) -> None:
-    first = read_dataset("casme2", casme_copy)[0]
-    _edit_sheet(casme_copy / CASME_SHEET, 1, "Filename", 2, first.clip)
-    _edit_sheet(casme_copy / CASME_SHEET, 1, "Subject", 2, 1)
+def test_duplicate_row(casme2_copy: Path) -> None:
+    first = read_dataset("casme2", casme2_copy)[0]
+    _edit_sheet(casme2_copy / CASME_SHEET, 1, "Filename", 2, first.clip)
+    _edit_sheet(casme2_copy / CASME_SHEET, 1, "Subject", 2, 1)
     with pytest.raises(UserInputError, match=r"row 3: clip sub01/.* is listed twice \(first on row 2\)"):
-        read_dataset("casme2", casme_copy)
+        read_dataset("casme2", casme2_copy)
 
 
-def test_rows_without_evaluated_aus_are_kept_and_apex_variants(casme_copy: Path) -> None:
-    _edit_sheet(casme_copy / CASME_SHEET, 1, "Action Units", 2, "25")
-    _edit_sheet(casme_copy / CASME_SHEET, 1, "ApexFrame", 2, None)
-    samples = read_dataset("casme2", casme_copy)
-    assert len(samples) == 2
+def test_rows_without_evaluated_aus_are_kept_and_apex_variants(casme2_copy: Path) -> None:
+    _edit_sheet(casme2_copy / CASME_SHEET, 1, "Action Units", 2, "25")
+    _edit_sheet(casme2_copy / CASME_SHEET, 1, "ApexFrame", 2, None)
+    samples = read_dataset("casme2", casme2_copy)
+    assert len(samples) == 4
     assert samples[1].aus == {25} and samples[1].apex is None
     labels = label_matrix(samples, DATASET_AUS["casme2"])
     assert labels[1].sum() == 0  # an all-negative sample
     assert labels[0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]  # '1+2+R4' over (1, 2, 4, 7, 12, 14, 15, 17)
 
 
-def test_header_found_on_a_later_worksheet(casme_copy: Path) -> None:
-    workbook = openpyxl.load_workbook(casme_copy / CASME_SHEET)
+def test_header_found_on_a_later_worksheet(casme2_copy: Path) -> None:
+    workbook = openpyxl.load_workbook(casme2_copy / CASME_SHEET)
     readme = workbook.create_sheet("README", 0)
     readme.append(["This workbook lists the clips."])
-    workbook.save(casme_copy / CASME_SHEET)
-    assert len(read_dataset("casme2", casme_copy)) == 2
+    workbook.save(casme2_copy / CASME_SHEET)
+    assert len(read_dataset("casme2", casme2_copy)) == 4
 
 
 # ---------------------------------------------------------------- folds

@@ -38,6 +38,7 @@ import yaml
 from tests.helpers import (
     CLI_ENV,
     GridAssets,
+    array_submission_script,
     cell_predictions,
     fail_unless_the_node_fits,
     manifest_cell_ids,
@@ -377,12 +378,10 @@ def test_slurm_tasks_under_zero2(
 ) -> None:
     fail_unless_the_node_fits(dev_slurm.cpus, processes)
     sweep = _e2e_sweep(tmp_path, assets, executor="slurm", processes=processes)
-    out = sweep.parent / "out"
     t0 = time.monotonic()
     submitted = submit_and_wait(sweep, timeout_s=SWEEP_TIMEOUT_S)
-    worst = _assert_done_and_equal(out, reference4, world_size=processes)
-    (array_id,) = submitted["array_job_ids"]
-    script = (out / "jobs" / array_id / f"{array_id}_submission.sh").read_text()
+    worst = _assert_done_and_equal(sweep.parent / "out", reference4, world_size=processes)
+    script = array_submission_script(sweep.parent / "out", submitted)
     assert (f"#SBATCH --ntasks-per-node={processes}" in script) == (processes > 1)
     print(f"\n[deepspeed] slurm, {processes} process(es) per task: {time.monotonic() - t0:.0f} s; "
           f"largest difference to plain {worst:.1e}")

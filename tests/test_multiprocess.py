@@ -35,6 +35,7 @@ from orchestrator.sweep.spec import ResourcesSpec, load_sweep
 from orchestrator.launch.submit import slurm_parameters
 from tests.helpers import (
     GridAssets,
+    array_submission_script,
     assert_every_cell_done_once,
     cell_predictions,
     epochs_reported,
@@ -214,8 +215,7 @@ def test_slurm_two_process_tasks_give_the_one_process_predictions(
         ref = json.loads((reference / "results" / f"{cid}.json").read_text())
         np.testing.assert_allclose(payload["epoch_losses"], ref["epoch_losses"], rtol=1e-5, err_msg=cid)
     # sbatch asked for the processes, srun started them, and both ranks ran every cell
-    (array_id,) = submitted["array_job_ids"]
-    script = (out / "jobs" / array_id / f"{array_id}_submission.sh").read_text()
+    script = array_submission_script(out, submitted)
     assert "#SBATCH --ntasks-per-node=2" in script and "#SBATCH --nodes=1" in script
     collector = submitted["collector_job_id"]
     assert "--ntasks-per-node" not in (out / "jobs" / collector / f"{collector}_submission.sh").read_text()

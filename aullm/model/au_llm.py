@@ -31,7 +31,7 @@ model trained with a BOS expects it first. With `none`, the plain text only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -154,15 +154,7 @@ class AULLM(nn.Module):
         reset from it, so the cell starts exactly where a fresh process would."""
         validate_choice("variant", variant, VARIANTS)
         s = settings or ModelSettings()
-        kwargs = dict(
-            dropout=s.dropout,
-            token_position=s.token_position,
-            prompt=s.prompt,
-            num_prompt_vectors=s.num_prompt_vectors,
-            prompt_fusion=s.prompt_fusion,
-            prompt_special_tokens=s.prompt_special_tokens,
-            efp_activation=s.efp_activation,
-        )
+        kwargs = asdict(s)  # ModelSettings' fields are the constructor's keywords, one for one
         if seed is None:
             return cls(variant, num_aus, llm, **kwargs)
         with torch.random.fork_rng(devices=[]):
