@@ -41,7 +41,10 @@ from tests.slurm_cluster import ClusterInfo, dev_slurm  # noqa: F401 - the sessi
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-CELLS = 3  # LOSO folds of the 3-subject synthetic CASME II, no_llm variant
+# Two LOSO folds of the synthetic CASME II, no_llm variant: the dev node has 2 CPUs, so both
+# tasks run in one wave (a third cell would wait for a second wave and add its whole run).
+FOLDS = ["sub01", "sub02"]
+CELLS = len(FOLDS)
 EPOCHS = 20  # long enough to be caught mid-training (about 1.5 s an epoch with two tasks on 2 cores)
 SWEEP_TIMEOUT_S = 300
 
@@ -52,6 +55,7 @@ def _write_fault_sweep(root: Path, assets: GridAssets, *, epochs: int = EPOCHS, 
         assets, output_dir=root / "out", name=name, executor="slurm", cells_per_task=1,
         array_parallelism=2, epochs=epochs, mem="1500M", time_min=20, cross_domain_variants=(),
     )  # fmt: skip
+    spec["datasets"]["casme2"]["folds"] = FOLDS
     spec["grid"] = [{"protocol": "loso", "datasets": ["casme2"], "variants": ["no_llm"]}]
     spec["tracking"] = {"uri": tracking_uri, "flush_every": 1, "flush_seconds": 1.0}
     path = root / "sweep.yaml"
