@@ -318,10 +318,12 @@ def write_outputs(
 
     `while_plotting` is called once, after the tables are written and while the figures
     are being drawn (in worker processes where there are several CPUs)."""
+    from orchestrator.results import settings_table as stbl
     from orchestrator.results import tables as tbl
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    by_settings = stbl.settings_rows(groups)
     built = list(tables) if tables is not None else tbl.build_tables(groups, tbl.load_paper_tables())
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     plotter: _Plotter | None = None
@@ -332,8 +334,12 @@ def write_outputs(
             for ext, text in (("md", tbl.to_markdown(t)), ("csv", tbl.to_csv(t)), ("tex", tbl.to_latex(t))):
                 _write_text(tmp / f"{t.key}.{ext}", text)
                 names.append(f"{t.key}.{ext}")
-        _write_text(tmp / "tables.md", tbl.document_markdown(built, groups, title=title))
+        _write_text(tmp / "tables.md", tbl.document_markdown(built, groups, title=title) + stbl.to_markdown(by_settings))
         _write_text(tmp / "groups.csv", tbl.groups_csv(groups))
+        if by_settings:
+            _write_text(tmp / "settings.md", stbl.to_markdown(by_settings, level=1))
+            _write_text(tmp / "settings.csv", stbl.to_csv(by_settings))
+            names += ["settings.md", "settings.csv"]
         summary = {
             "title": title,
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -348,6 +354,9 @@ def write_outputs(
         if plotter is not None:
             names += plotter.wait()
             plotter = None
+            from orchestrator.results.plots import write_settings_plots
+
+            names += [p.name for p in write_settings_plots(by_settings, tmp)]
         _write_text(tmp / INDEX_FILE, json.dumps({"files": sorted(names)}, indent=2) + "\n")
 
         previous: list[str] = []
@@ -533,6 +542,14 @@ def collect_sweep(
 
     def while_plotting() -> None:
         tbl.print_terminal(groups, console=console, title=title, tables=built)
+        from orchestrator.results import settings_table as stbl
+
+        rows = stbl.settings_rows(groups)
+        if rows:  # plain Markdown: the settings table has no paper rows to style
+            if console is not None:
+                console.print(stbl.to_markdown(rows), markup=False, highlight=False)
+            else:
+                print(stbl.to_markdown(rows))
         if track:  # the mlflow import overlaps the plot workers instead of following them
             from orchestrator.tracking.store import preload
 

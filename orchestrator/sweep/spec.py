@@ -1004,14 +1004,21 @@ def _apply_overrides(data: dict[str, Any], overrides: Sequence[str], shown: str)
                 )
         node: Any = data
         for depth, part in enumerate(loc[:-1]):
-            child = node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else (
-                node.get(part) if isinstance(node, dict) else None)  # fmt: skip
-            if child is None and isinstance(node, dict):
-                child = node[part] = {}
+            if isinstance(node, list):
+                if not isinstance(part, int) or part >= len(node):
+                    raise UserInputError(
+                        f"{shown}: --set {text!r}: '{_render_loc(loc[:depth])}' has no item {part} "
+                        f"(it lists {len(node)}, numbered from 0)"
+                    )
+                child = node[part]
+            else:
+                child = node.get(part)
+                if child is None:
+                    child = node[part] = {}
             if not isinstance(child, (dict, list)):
                 raise UserInputError(
-                    f"{shown}: --set {text!r}: '{_render_loc(loc[: depth + 1])}' is "
-                    f"{_kind(child) if child is not None else 'not a list index'}, so it has no field '{loc[depth + 1]}'"
+                    f"{shown}: --set {text!r}: '{_render_loc(loc[: depth + 1])}' is {_kind(child)}, "
+                    f"so it has no field '{loc[depth + 1]}'"
                 )
             node = child
         last = loc[-1]
