@@ -244,3 +244,32 @@ def test_settings_table_rows_and_difference_to_the_default() -> None:
     assert "| casme2/tiny/all | lr=1e-4@aaaa | 1e-4 | 2 | 45.5 ± 2.0 | -4.5 | complete |" in text
     assert "| 1 | 60.0 | +10.0 |" in text  # one seed: no ± (a std of one seed does not exist)
     assert settings_rows([_group("", 50.0, 2, 1e-3)]) == []  # one setting: no settings table
+
+
+def test_the_paper_tables_show_only_the_default_setting() -> None:
+    from orchestrator.results.tables import build_tables
+
+    groups = [_group("", 50.0, 2, 1e-3), _group("lr=1e-4@aaaa", 45.5, 2, 1e-4)]
+    shown = {e.group for t in build_tables(groups) for s in t.sections for b in s.blocks for e in b.entries.values()}
+    assert shown - {""} == {"casme2/tiny/all"}
+
+
+def test_a_task_gives_each_cell_its_own_lora_rank(tiny_llm: Path) -> None:
+    """Cells of one task sweep lora_r over one LLM load: the adapters follow the cell."""
+    from aullm.model.llm import LoraSettings, load_base_llm
+
+    llm = load_base_llm(tiny_llm, lora=LoraSettings(r=16))
+    base_weight = next(p for n, p in llm.model.named_parameters() if "lora_" not in n).detach().clone()
+    llm.use_lora(LoraSettings(r=8, alpha=16))
+    ranks = {layer.lora_A[a].weight.shape[0] for _, layer in llm.lora_layers() for a in layer.lora_A}
+    assert ranks == {8} and llm.lora.r == 8
+    assert all(layer.scaling[a] == 2.0 for _, layer in llm.lora_layers() for a in layer.scaling)
+    # the frozen base is the same weights, not a reload
+    assert torch_equal(next(p for n, p in llm.model.named_parameters() if "lora_" not in n), base_weight)
+    assert not any(p.requires_grad for n, p in llm.model.named_parameters() if "lora_" not in n)
+
+
+def torch_equal(a: Any, b: Any) -> bool:
+    import torch
+
+    return bool(torch.equal(a.detach(), b))
