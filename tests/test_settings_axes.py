@@ -273,3 +273,16 @@ def torch_equal(a: Any, b: Any) -> bool:
     import torch
 
     return bool(torch.equal(a.detach(), b))
+
+
+def test_the_shipped_hparams_sweep_has_the_cell_count_its_comment_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("AULLM_DATA", "/data")
+    monkeypatch.setenv("AULLM_MODELS", "/models")
+    spec = load_sweep(repo / "sweeps" / "ablations-hparams.yaml")
+    cells = expand(spec, {"casme2": [f"sub{i:02d}" for i in range(1, 27)]})
+    assert len(cells) == 468 and "26 x 18 = 468" in (repo / "sweeps" / "ablations-hparams.yaml").read_text()
+    assert spec.swept_fields() == ["epochs", "lr", "lora_r"]
+    default = [c for c in cells if not c.settings]
+    assert len(default) == 26 and default[0].cell_id == "casme2-loso-sub01__qwen2-1.5b__all__s1"
+    assert len(pack(cells, spec.resources.cells_per_task)) == 52
