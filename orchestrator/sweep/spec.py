@@ -1219,8 +1219,10 @@ def validate_paths(spec: SweepSpec) -> dict[str, list[str]]:
     for loc, path in (("output_dir", spec.output_dir), ("cache_dir", spec.cache_dir)):
         if path is not None and path.exists() and not path.is_dir():
             raise spec.field_error((loc,), f"{path} exists and is not a folder")
-    if spec.training.deepspeed is not None and not Path(spec.training.deepspeed).is_file():
-        raise spec.field_error(("training", "deepspeed"), f"{spec.training.deepspeed} is not a file")
+    for deepspeed in sorted({str(s["deepspeed"]) for s in spec.settings_table().values() if s.get("deepspeed")}):
+        if not Path(deepspeed).is_file():
+            loc = ("training", "deepspeed") if deepspeed == spec.training.deepspeed else ("sweep", "deepspeed")
+            raise spec.field_error(loc, f"{deepspeed} is not a file")
     subjects: dict[str, list[str]] = {}
     for name in spec.used_datasets():
         ds = spec.datasets[name]
@@ -1248,16 +1250,22 @@ def check_deepspeed(spec: SweepSpec) -> str | None:
 
     The same rules run again on the node (aullm.train), so what passes here trains there;
     finding a bad config now costs seconds instead of a whole run of failed cells."""
-    if spec.training.deepspeed is None:
+    # every distinct (config, batch size, precision) the settings use: an axis may vary any of them
+    combos = sorted({(str(s["deepspeed"]), int(s["batch_size"]), str(s["precision"]))
+                     for s in spec.settings_table().values() if s.get("deepspeed")})  # fmt: skip
+    if not combos:
         return None
     from aullm.deepspeed_config import check_config, probe, read_config
 
-    path = Path(spec.training.deepspeed)
-    try:
-        ds = read_config(path)
-        check_config(ds, path=path, batch_size=spec.training.batch_size, precision=spec.training.precision,
-                     processes=spec.resources.processes_per_task)
-        return probe(ds, path=path, batch_size=spec.training.batch_size)
-    except UserInputError as exc:
-        # name the sweep file too: the config's own path alone does not say which sweep used it
-        raise UserInputError(f"{spec.source}: training.deepspeed: {exc}") from None
+    version = None
+    for deepspeed, batch_size, precision in combos:
+        path = Path(deepspeed)
+        try:
+            ds = read_config(path)
+            check_config(ds, path=path, batch_size=batch_size, precision=precision,
+                         processes=spec.resources.processes_per_task)
+            version = probe(ds, path=path, batch_size=batch_size)
+        except UserInputError as exc:
+            # name the sweep file too: the config's own path alone does not say which sweep used it
+            raise UserInputError(f"{spec.source}: training.deepspeed: {exc}") from None
+    return version
