@@ -440,6 +440,19 @@ def training_context(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return {"recipe": training["recipe"], "differs_from_script": differs, "synthetic_datasets": synthetic}
 
 
+def _settings_table(manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+    """hash -> resolved settings; a manifest from before axes: its `training` block, under
+    the empty hash its cells carry (so their parent runs get the training params too)."""
+    if manifest.get("settings"):
+        return dict(manifest["settings"])
+    training = (manifest.get("spec") or {}).get("training")
+    if not isinstance(training, Mapping):
+        return None
+    from aullm.recipes import recorded
+
+    return {"": recorded(training)}
+
+
 # What collecting reads of a result file: the rest (350 epoch losses, timing, a failed
 # cell's traceback) is most of its bytes and is never parsed.
 RESULT_FIELDS = ("cell_id", "status", "error", "predictions", "mlflow", "settings_hash")
@@ -532,7 +545,7 @@ def collect_sweep(
         raise UserInputError(f"collect: {sweep_dir}/manifest.json lists no cells")
     refs = [CellRef.from_any(c) for c in cells]
     results = _read_results(sweep, [r.cell_id for r in refs])
-    groups = collect_groups(refs, results, layouts=_layouts(manifest), settings=manifest.get("settings"),
+    groups = collect_groups(refs, results, layouts=_layouts(manifest), settings=_settings_table(manifest),
                             **training_context(manifest))
     out_dir = Path(out) if out is not None else sweep_dir / RESULTS_DIRNAME
     title = str(manifest.get("name") or sweep_dir.name)
