@@ -286,3 +286,19 @@ def test_the_shipped_hparams_sweep_has_the_cell_count_its_comment_says(monkeypat
     default = [c for c in cells if not c.settings]
     assert len(default) == 26 and default[0].cell_id == "casme2-loso-sub01__qwen2-1.5b__all__s1"
     assert len(pack(cells, spec.resources.cells_per_task)) == 52
+
+
+def test_a_task_trains_a_cell_only_under_the_settings_its_id_names(tmp_path: Path) -> None:
+    """The job side reads the cell's row of the manifest's settings table and checks it
+    against the hash in the cell's id: a row edited since submit cannot train that cell."""
+    from jobs.run_cells import _cell_config
+
+    spec = load_sweep(write(tmp_path / "s.yaml", sweep_data(tmp_path, sweep={"lora_r": [8, 16]})))
+    cells = expand(spec, SUBJECTS)
+    manifest = {"spec": spec.snapshot(), "settings": spec.settings_table()}
+    cell = next(c for c in cells if c.settings.startswith("lora_r=8@"))
+    assert _cell_config(manifest, cell).lora_r == 8
+    assert _cell_config(manifest, next(c for c in cells if not c.settings)).lora_r == 16
+    manifest["settings"][cell.settings_hash] = {**manifest["settings"][cell.settings_hash], "lora_r": 32}
+    with pytest.raises(RuntimeError, match="no settings with hash"):
+        _cell_config(manifest, cell)
