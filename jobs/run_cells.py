@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.process_group import TaskProcesses, join_task_processes
-from orchestrator.sweep.cells import Cell
+from orchestrator.sweep.cells import Cell, task_setup
 from orchestrator.ledger import SweepDir
 
 # A cell that failed this many times (across requeues and retries) is not tried again
@@ -237,9 +237,9 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
     llm_paths = {c.llm_path for c in cells if c.llm_path}
     if len(llm_paths) > 1:
         raise RuntimeError(f"a task must share one LLM; got {sorted(llm_paths)}")
-    shared = {(cfg.precision, cfg.deepspeed) for cfg in configs.values()}
+    shared = {task_setup(vars(cfg)) for cfg in configs.values()}
     if len(shared) > 1:
-        raise RuntimeError(f"a task must share one precision and DeepSpeed config; got {sorted(map(str, shared))}")
+        raise RuntimeError(f"a task must share one dtype and DeepSpeed setup; got {sorted(shared)}")
     # Rank 0 reads the ledger and the other ranks follow its answer, here and per cell:
     # two reads of a directory rank 0 is writing to could disagree.
     if processes.share(all(sweep.result_exists(c.cell_id, status="done") for c in cells) if main else None):

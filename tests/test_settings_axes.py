@@ -113,7 +113,12 @@ def test_packing_shares_the_llm_across_settings_but_not_across_precision(tmp_pat
     cells = [c for c in cells_of(write(tmp_path / "p.yaml", data)) if c.llm]
     tasks = pack(cells, 100)
     assert len(tasks) == 2
-    assert all(len({c.precision for c in t}) == 1 for t in tasks)
+    assert all(len({c.task_setup for c in t}) == 1 for t in tasks)
+    # under DeepSpeed the engine's config takes the batch size: another batch size, another task
+    data["sweep"] = {"batch_size": [128, 256], "lr": [1.0e-3, 1.0e-4]}
+    data["training"]["deepspeed"] = "zero2"
+    cells = [c for c in cells_of(write(tmp_path / "d.yaml", data)) if c.llm]
+    assert sorted(len(t) for t in pack(cells, 100)) == [6, 6]
 
 
 # ---------------------------------------------------------------- the settings check

@@ -64,9 +64,9 @@ class Cell:
     # Hash of the full resolved settings the cell trains under (the manifest's `settings`
     # table has them); '' only in manifests written before axes existed.
     settings_hash: str = ""
-    # What the task must load once for all its cells: cells that differ here never share one.
-    precision: str = ""
-    deepspeed: str = ""
+    # What a task sets up once for all its cells (`task_setup`): cells that differ here
+    # never share a task. '' in manifests written before axes.
+    task_setup: str = ""
 
     @property
     def group(self) -> tuple[str, ...]:
@@ -230,8 +230,7 @@ def expand(spec: SweepSpec, subjects_by_dataset: Mapping[str, Sequence[str]]) ->
                                 seed=seed,
                                 settings=label,
                                 settings_hash=digest,
-                                precision=str(resolved.get("precision") or ""),
-                                deepspeed=str(resolved.get("deepspeed") or ""),
+                                task_setup=task_setup(resolved),
                             )
                         )
     return sort_cells(cells.values())
@@ -277,18 +276,28 @@ def _balanced_chunks(items: Sequence[T], limit: int) -> list[list[T]]:
     return chunks
 
 
-def pack_key(cell: Cell) -> tuple[str, str, str]:
-    """What the cells of one task must share: the LLM it loads once (none for no_llm), in
-    one dtype, under one DeepSpeed config. Other settings (lr, epochs, LoRA rank, ...) are
-    per cell, so cells differing only there share the LLM load packing exists to save."""
-    return (cell.llm_path or "", cell.precision, cell.deepspeed)
+def task_setup(settings: Mapping[str, Any]) -> str:
+    """The settings a task fixes for all its cells when it starts: the LLM's dtype (from
+    `precision`) and the DeepSpeed engine, whose config takes the batch size. Everything
+    else (lr, epochs, LoRA rank, ...) is per cell."""
+    text = f"precision={settings.get('precision')}"
+    if settings.get("deepspeed"):
+        text += f",deepspeed={settings['deepspeed']},batch_size={settings.get('batch_size')}"
+    return text
+
+
+def pack_key(cell: Cell) -> tuple[str, str]:
+    """What the cells of one task must share: the LLM it loads once (none for no_llm) and
+    its `task_setup`. Cells differing only in per-cell settings share the LLM load that
+    packing exists to save."""
+    return (cell.llm_path or "", cell.task_setup)
 
 
 def pack(cells: Iterable[Cell], cells_per_task: int) -> list[list[Cell]]:
     """Tasks of at most `cells_per_task` cells sharing one LLM; deterministic order."""
     if cells_per_task < 1:
         raise ValueError(f"cells_per_task must be >= 1, got {cells_per_task}")
-    groups: dict[tuple[str, str, str], list[Cell]] = {}
+    groups: dict[tuple[str, str], list[Cell]] = {}
     for cell in sort_cells(cells):
         groups.setdefault(pack_key(cell), []).append(cell)
     tasks: list[list[Cell]] = []
