@@ -56,7 +56,10 @@ def cells_of(path: Path, overrides: tuple[str, ...] = ()) -> list[Any]:
 def test_axes_are_a_cartesian_product_with_readable_ids(tmp_path: Path) -> None:
     plain = cells_of(write(tmp_path / "plain.yaml", sweep_data(tmp_path)))
     swept = cells_of(write(tmp_path / "swept.yaml", sweep_data(tmp_path, sweep={"lr": [1.0e-3, 1.0e-4], "lora_r": [8, 16]})))
-    assert len(plain) == 5 and len(swept) == 4 * 5
+    # LLM cells (2 folds + the pair) x 4 settings; the no_llm baseline (2 folds) never uses
+    # LoRA, so only the lr axis multiplies it: 3 x 4 + 2 x 2
+    assert len(plain) == 5 and len(swept) == 3 * 4 + 2 * 2
+    assert not [c for c in swept if c.variant == "no_llm" and "lora_r" in c.settings]
     ids = {c.cell_id for c in swept}
     # the combination equal to the sweep's own training keeps the id it had without axes
     assert {c.cell_id for c in plain} <= ids
@@ -185,7 +188,9 @@ def test_a_new_axis_value_is_new_cells_for_submit_not_for_retry(
     code, err = _run(["submit", str(path), "--dry-run", "--set", "sweep.lora_r=[8,16,32]"], capsys)
     assert code == 0, err
     plan = json.loads(_run.out)  # type: ignore[attr-defined]
-    assert plan["cells"] == 15 and plan["to_submit"] == 15  # 5 more cells, the 10 known ones untouched
+    # 3 LLM cells x 3 ranks + the 2 no_llm cells (LoRA does not apply to them), where the
+    # manifest had 3 x 2 + 2: nothing is done yet, so all are to submit
+    assert len(sweep.cells()) == 8 and plan["cells"] == 11 and plan["to_submit"] == 11
     code, err = _run(["retry", str(path), "--dry-run", "--set", "sweep.lora_r=[8,16,32]"], capsys)
     assert code == 2 and "retry re-runs only the recorded cells" in err and len(err.strip().splitlines()) == 1
 

@@ -210,7 +210,7 @@ def expand(spec: SweepSpec, subjects_by_dataset: Mapping[str, Sequence[str]]) ->
 
         for train, test, fold in units:
             for variant, llm in choices:
-                for label, digest, resolved in spec.block_settings(index):
+                for label, digest, resolved in spec.block_settings(index, llm=llm is not None):
                     for seed in seeds:
                         kind: Literal["loso", "cross_domain"] = "loso" if fold is not None else "cross_domain"
                         add(

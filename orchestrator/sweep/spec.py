@@ -60,6 +60,8 @@ MAX_CPUS_PER_TASK = 1024
 MAX_GPUS_PER_NODE = 64
 MAX_TIME_MIN = 366 * 24 * 60
 MAX_MEM_MB = 64 * 1024 * 1024  # 64 TiB: anything above is a typo
+# A block's settings: (label, hash, resolved training fields), the default setting's label ''.
+SettingsList = list[tuple[str, str, dict[str, Any]]]
 
 
 # ---------------------------------------------------------------- value helpers
@@ -601,7 +603,7 @@ class SweepSpec(_Strict):
     _node: Any = PrivateAttr(default=None)
     # Per block: the settings its cells train under, as (label, hash, resolved fields);
     # label '' is the sweep's own `training` (cells keep the ids they had before axes).
-    _block_settings: list[list[tuple[str, str, dict[str, Any]]]] = PrivateAttr(default_factory=list)
+    _block_settings: list[tuple[SettingsList, SettingsList]] = PrivateAttr(default_factory=list)
     _overrides: list[str] = PrivateAttr(default_factory=list)  # the `--set`s applied, as typed
 
     @field_validator("output_dir", "cache_dir", mode="before")
@@ -696,9 +698,11 @@ class SweepSpec(_Strict):
                 used.update(self.block_llms(block))
         return [name for name in self.llms if name in used]
 
-    def block_settings(self, index: int) -> list[tuple[str, str, dict[str, Any]]]:
-        """The settings grid[index]'s cells train under: (label, hash, resolved fields)."""
-        return self._block_settings[index]
+    def block_settings(self, index: int, *, llm: bool = True) -> SettingsList:
+        """The settings grid[index]'s cells with (or without) an LLM train under:
+        (label, hash, resolved fields)."""
+        with_llm, without_llm = self._block_settings[index]
+        return with_llm if llm else without_llm
 
     @property
     def base_settings(self) -> dict[str, Any]:
@@ -708,8 +712,9 @@ class SweepSpec(_Strict):
     def settings_table(self) -> dict[str, dict[str, Any]]:
         """hash -> resolved fields of every setting of the sweep (the default one first)."""
         table = {_settings.settings_hash(self.base_settings): self.base_settings}
-        for block in self._block_settings:
-            table.update((digest, resolved) for _label, digest, resolved in block)
+        for both in self._block_settings:
+            for block in both:
+                table.update((digest, resolved) for _label, digest, resolved in block)
         return table
 
     def swept_fields(self) -> list[str]:
@@ -748,6 +753,9 @@ class SweepSpec(_Strict):
 # ---------------------------------------------------------------- settings axes
 
 TRAINING_FIELDS: tuple[str, ...] = tuple(TrainingSpec.model_fields)
+# Fields a cell without an LLM (no_llm) never uses: its settings keep the default values of
+# these, so a LoRA axis neither labels nor multiplies the baseline's cells.
+LLM_ONLY_FIELDS: tuple[str, ...] = ("lora_r", "lora_alpha", "lora_dropout")
 
 
 def _nearest_field(key: str) -> str:
@@ -800,17 +808,28 @@ def _axes(raw: Any, loc: tuple[str | int, ...]) -> dict[str, list[Any]]:
     return out
 
 
-def _expand_settings(spec: SweepSpec, context: Any) -> list[list[tuple[str, str, dict[str, Any]]]]:
+def _without_llm(settings: SettingsList, base: dict[str, Any], named: list[str]) -> SettingsList:
+    """The settings of the block's cells without an LLM: LLM-only fields at their default."""
+    out: dict[str, tuple[str, str, dict[str, Any]]] = {}
+    shown = [k for k in named if k not in LLM_ONLY_FIELDS]
+    for _label, _digest, resolved in settings:
+        plain = {**resolved, **{k: base[k] for k in LLM_ONLY_FIELDS}}
+        digest = _settings.settings_hash(plain)
+        out.setdefault(digest, (_settings.label(plain, base, shown), digest, plain))
+    return list(out.values())
+
+
+def _expand_settings(spec: SweepSpec, context: Any) -> list[tuple[SettingsList, SettingsList]]:
     """Each block's settings: its `training` over the sweep's, times every axis value.
 
     Values are checked one by one (so an error names the exact list item and its line),
     then combined; the label names the fields the block sets or sweeps that differ from
-    the sweep's own `training`."""
+    the sweep's own `training`. Per block: (settings of cells with an LLM, without one)."""
     base = spec.base_settings
     given = {k: getattr(spec.training, k) for k in spec.training.model_fields_set}
     resolver = _Settings(given, context)
     top_axes = _axes(spec.sweep, ("sweep",))
-    out: list[list[tuple[str, str, dict[str, Any]]]] = []
+    out: list[tuple[SettingsList, SettingsList]] = []
     for i, block in enumerate(spec.grid):
         here: tuple[str | int, ...] = ("grid", i)
         overrides = dict(block.training or {})
@@ -848,7 +867,7 @@ def _expand_settings(spec: SweepSpec, context: Any) -> list[list[tuple[str, str,
         for combo in itertools.product(*(normalized[k] for k in keys)):
             resolved = resolver.resolve({**overrides, **dict(zip(keys, combo))}, here)
             settings.append((_settings.label(resolved, base, named), _settings.settings_hash(resolved), resolved))
-        out.append(settings)
+        out.append((settings, _without_llm(settings, base, named)))
     return out
 
 
