@@ -395,6 +395,10 @@ class CellTrainer:
         _freeze_what_outlives_cells()
         seed_everything(seed)
         if needs_llm:
+            from aullm.model.llm import LoraSettings
+
+            # a task packs cells that may sweep the LoRA settings: the adapters follow the cell
+            self.llm.use_lora(LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout))
             self.llm.reset_adapters(seed)
         # every ModelSettings field has its namesake in TrainConfig
         settings = ModelSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelSettings)})

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.process_group import TaskProcesses, join_task_processes
-from orchestrator.sweep.cells import Cell
+from orchestrator.sweep.cells import Cell, task_setup
 from orchestrator.ledger import SweepDir
 
 # A cell that failed this many times (across requeues and retries) is not tried again
@@ -222,8 +222,7 @@ def _claim(sweep: SweepDir, cell: Cell, processes: TaskProcesses) -> int | str:
 
 
 def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict[str, str]:
-    from aullm.recipes import recorded
-    from aullm.train import CellTrainer, Preempted, TrainConfig
+    from aullm.train import CellTrainer, Preempted
     from orchestrator.tracking.cell_logger import CellRunLogger
 
     processes = report.processes
@@ -233,12 +232,14 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
     sweep = SweepDir(sweep_dir)
     manifest = sweep.read_manifest()
     cells = [sweep.cell(cid) for cid in cell_ids]
-    config = TrainConfig.from_dict(recorded(manifest["spec"].get("training") or {}))
+    configs = {c.cell_id: _cell_config(manifest, c) for c in cells}
+    config = configs[cells[0].cell_id]  # what the task loads once: shared by every cell (pack_key)
     llm_paths = {c.llm_path for c in cells if c.llm_path}
     if len(llm_paths) > 1:
         raise RuntimeError(f"a task must share one LLM; got {sorted(llm_paths)}")
-    if config.deepspeed:
-        config.deepspeed = resolve_deepspeed_config(config.deepspeed)
+    shared = {task_setup(vars(cfg)) for cfg in configs.values()}
+    if len(shared) > 1:
+        raise RuntimeError(f"a task must share one dtype and DeepSpeed setup; got {sorted(shared)}")
     # Rank 0 reads the ledger and the other ranks follow its answer, here and per cell:
     # two reads of a directory rank 0 is writing to could disagree.
     if processes.share(all(sweep.result_exists(c.cell_id, status="done") for c in cells) if main else None):
@@ -270,9 +271,10 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
             outcomes[cell.cell_id] = claim
             continue
         attempts = claim
+        cell_config = configs[cell.cell_id]
         logger = CellRunLogger(tracking, sweep.path, cell.cell_id) if main else None
         if logger is not None:
-            logger.start(params={**cell.params(), **config.__dict__}, tags=cell.tags(manifest.get("name", "")))
+            logger.start(params={**cell.params(), **cell_config.__dict__}, tags=cell.tags(manifest.get("name", "")))
         t0 = time.time()
         try:
             split, store = build_split(cell, datasets)
@@ -281,7 +283,7 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
                 store,
                 cell.variant,
                 cell.seed,
-                config,
+                cell_config,
                 on_epoch=(
                     None
                     if logger is None
@@ -325,7 +327,10 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
         payload = {
             "cell_id": cell.cell_id,
             "status": "done",
-            "recipe": config.recipe,  # how it was trained: the tables say which recipe they show
+            "recipe": cell_config.recipe,  # how it was trained: the tables say which recipe they show
+            # which of the manifest's settings it was trained under: collect refuses to pool a
+            # result whose settings are not the manifest's for this cell
+            "settings_hash": cell.settings_hash,
             **result.to_payload(),
             "attempt": attempts,
             "host": host,
@@ -338,6 +343,27 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
         sweep.write_result(cell.cell_id, payload)
         logger.finish("FINISHED", {"final_train_loss": result.epoch_losses[-1] if result.epoch_losses else float("nan")})
     return outcomes
+
+
+def _cell_config(manifest: dict[str, Any], cell: Cell) -> Any:
+    """The cell's TrainConfig: its row of the manifest's settings table, checked against its
+    hash (a hand-edited manifest must not train a cell under settings its id does not name);
+    a manifest from before axes: its `training` block."""
+    from aullm.recipes import recorded
+    from aullm.train import TrainConfig
+    from orchestrator.sweep.settings import settings_hash
+
+    table = manifest.get("settings") or {}
+    if cell.settings_hash:
+        values = table.get(cell.settings_hash)
+        if values is None or settings_hash(values) != cell.settings_hash:
+            raise RuntimeError(f"cell {cell.cell_id}: the manifest has no settings with hash {cell.settings_hash}")
+    else:
+        values = recorded(manifest["spec"].get("training") or {})
+    config = TrainConfig.from_dict(dict(values), source=f"cell {cell.cell_id}")
+    if config.deepspeed:
+        config.deepspeed = resolve_deepspeed_config(config.deepspeed)
+    return config
 
 
 def _record_setup_failure(sweep: SweepDir, cells: list[Cell], exc: Exception, processes: TaskProcesses) -> None:

@@ -43,11 +43,14 @@ def _print_json(payload: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from orchestrator.launch.prepare import prepare
+    from orchestrator.launch.prepare import check_compatible, prepare
     from orchestrator.launch.submit import preflight_datasets
+    from orchestrator.ledger import SweepDir
     from orchestrator.sweep.cells import pack
 
-    spec, subjects, cells = prepare(args.sweep)
+    spec, subjects, cells = prepare(args.sweep, args.set or ())
+    # valid means submittable: the same settings check as submit (it only reads)
+    check_compatible(spec, SweepDir(spec.output_dir), cells)
 
     # decode every frame once (in memory): a corrupt JPEG costs seconds here, not a GPU task
     preflight_datasets(spec, cells, write_cache=False)
@@ -64,6 +67,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         "cells_by_kind": kinds,
         "tasks": len(tasks),
         "executor": spec.resources.executor,
+        "settings": len({c.settings_hash for c in cells}),
+        "swept_fields": spec.swept_fields(),
     }
     if args.json:
         _print_json(summary)
@@ -84,9 +89,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from orchestrator.launch.submit import submit_sweep
     from orchestrator.ledger import SweepDir
 
-    spec, _subjects, cells = prepare(args.sweep)
+    spec, _subjects, cells = prepare(args.sweep, args.set or ())
     sweep = SweepDir(spec.output_dir)
-    check_compatible(spec, sweep)
+    check_compatible(spec, sweep, cells)
     # submit_sweep owns the sweep directory: it writes the manifest under the lock.
     result = submit_sweep(spec, sweep, cells, dry_run=args.dry_run)
     if result.get("collector_error"):
@@ -172,6 +177,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override a field of the sweep file (YAML value), checked as the file is; repeatable: "
+                   "--set training.epochs=5 --set 'sweep.lr=[1e-4,3e-4]'")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -187,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "print the cell count. Writes nothing.")
     p.add_argument("sweep", metavar="SWEEP", help=sweep_help)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_set(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("submit", help="submit every cell not yet done (returns at once)",
@@ -197,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the submission result as JSON")
     p.add_argument("--wait", action="store_true",
                    help="block until every submitted cell has finished or failed, then print the status")
+    _add_set(p)
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", help="where every cell stands (one batched scheduler query)",
@@ -215,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="where tables and plots go (default: inside the sweep directory)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log summary runs to MLflow")
     p.add_argument("--no-plots", action="store_true", help="tables only")
+    _add_set(p)
     p.set_defaults(func=_delegate("orchestrator.results.collect", "collect_main"))
 
     p = sub.add_parser("retry", help="resubmit failed (or named) cells",
@@ -223,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failed", action="store_true", help="only cells whose result says failed")
     p.add_argument("--cells", nargs="+", metavar="ID", help="only these cell ids")
     p.add_argument("--dry-run", action="store_true", help="print what would be resubmitted; submit nothing")
+    _add_set(p)
     p.set_defaults(func=_delegate("orchestrator.launch.submit", "retry_main"))
 
     p = sub.add_parser("cancel", help="cancel the sweep's pending and running jobs",

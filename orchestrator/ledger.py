@@ -1,6 +1,8 @@
 """The sweep directory: the durable record of a sweep (DESIGN.md §3).
 
-    <out>/manifest.json          spec snapshot (paths absolute, profile merged) + cells
+    <out>/manifest.json          spec snapshot (paths absolute, profile merged) + cells + the
+                                 resolved training settings of each distinct setting
+    <out>/sweep.resolved.yaml    the same spec as a sweep file (the file + its --set overrides)
     <out>/results/<cell_id>.json one per finished cell (status done or failed)
     <out>/jobs.json              submissions: job id -> the cells of each array task
     <out>/attempts/<cell_id>     how many times a task started the cell
@@ -31,12 +33,13 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aullm.errors import UserInputError
 from orchestrator.sweep.cells import Cell
+from orchestrator.sweep.settings import differing
 
 if TYPE_CHECKING:
     from filelock import FileLock
@@ -179,6 +182,22 @@ class SweepDir:
         return self.path / "manifest.json"
 
     @property
+    def resolved_sweep_path(self) -> Path:
+        return self.path / "sweep.resolved.yaml"
+
+    def cell_settings(self) -> dict[str, dict[str, Any]]:
+        """cell_id -> the resolved training settings the manifest says it trains under.
+
+        A manifest from before axes has no `settings` table: every cell was trained under
+        its `training` block (with the values of that time for fields it lacks)."""
+        from aullm.recipes import recorded
+
+        manifest = self.read_manifest()
+        table = manifest.get("settings") or {}
+        legacy = recorded((manifest.get("spec") or {}).get("training") or {})
+        return {c["cell_id"]: table.get(c.get("settings_hash") or "", legacy) for c in manifest["cells"]}
+
+    @property
     def results_dir(self) -> Path:
         return self.path / "results"
 
@@ -229,6 +248,7 @@ class SweepDir:
     ) -> dict[str, Any]:
         """Write (or rewrite) the manifest; keeps the first `created` time."""
         snapshot = spec if isinstance(spec, dict) else spec.snapshot()
+        cells = list(cells)
         created = now_iso()
         if self.manifest_path.is_file():
             with contextlib.suppress(UserInputError):
@@ -242,8 +262,20 @@ class SweepDir:
             "spec": snapshot,
             "cells": [c.to_dict() for c in cells],
         }
+        if not isinstance(spec, dict):
+            # What each cell trains under, once per distinct setting (cells name it by hash):
+            # the task reads its cell's row, never the spec's `training` alone.
+            used = {c.settings_hash for c in cells}
+            manifest["settings"] = {h: s for h, s in spec.settings_table().items() if h in used}
+            manifest["overrides"] = spec.overrides
         self.create()
         atomic_write_json(self.manifest_path, manifest)
+        if not isinstance(spec, dict):
+            # The sweep as resolved (file + --set, paths absolute): `submit`, `retry` and
+            # `collect` can be given this file, and no flag has to be repeated.
+            import yaml
+
+            atomic_write_text(self.resolved_sweep_path, yaml.safe_dump(snapshot, sort_keys=False, allow_unicode=True))
         self._manifest = manifest
         self._write_cell_index(manifest)
         return manifest
@@ -638,3 +670,41 @@ class SweepDir:
             yield
         finally:
             self._lock.release()
+
+
+def check_settings(spec: SweepSpec, sweep: SweepDir, cells: Sequence[Cell]) -> None:
+    """Refuse a sweep file whose cells would land on results trained under other settings.
+
+    A cell's id names its settings (orchestrator/sweep/settings.py) except for the sweep's
+    own `training`, whose cells keep the ids they had before axes existed: so a cell id that
+    the sweep directory already knows (in its manifest, or as a result file left by an
+    earlier manifest) must stand for the same resolved settings, field for field. One check
+    for validate, submit, retry and collect."""
+    if not sweep.exists():
+        return
+
+    recorded = sweep.cell_settings()
+    table = spec.settings_table()
+    stray = sweep.result_ids() - set(recorded)
+    for cell in cells:
+        new = table[cell.settings_hash]
+        if cell.cell_id in recorded:
+            old = recorded[cell.cell_id]
+        elif cell.cell_id in stray:
+            digest = sweep.read_result_fields(cell.cell_id, ("settings_hash",)).get("settings_hash")
+            if digest in (None, cell.settings_hash):
+                continue  # results from before settings were recorded: the manifest check covers them
+            old = {"settings_hash": digest}
+            new = {"settings_hash": cell.settings_hash}
+        else:
+            continue
+        changed = [k for k in differing(old, new, tuple(new)) if k in new]
+        if changed:
+            key = changed[0]
+            loc = ("training", key) if not cell.settings else ("grid",)
+            raise spec.field_error(
+                loc,
+                f"{new.get(key)!r} differs from {old.get(key)!r} that cell {cell.cell_id} was trained with in "
+                f"{sweep.path}; results would mix: keep the old value and add the new one as an axis "
+                f"(sweep: {{{key}: [...]}}), or use a new output_dir",
+            )

@@ -191,6 +191,45 @@ CASES: list[tuple[str, Mutation, tuple[str, ...]]] = [
     ("model-without-config", with_asset("llms.tiny.path", "no-config-model"), ("field 'llms.tiny.path'", "config.json")),
     ("absent-fold", setting("datasets.casme2.folds", ["sub01", "sub77"]), ("field 'datasets.casme2.folds[1]'", "'sub77'", "sub01")),
     ("output-dir-is-a-file", with_asset("output_dir", "a-file"), ("field 'output_dir'", "not a folder")),
+    # --- settings axes (`sweep:`) and per-block `training:`
+    ("axis-unknown-field", setting("sweep", {"lrr": [1e-4]}), ("field 'sweep.lrr'", "did you mean 'lr'", "line ")),
+    ("axis-unknown-block-field", setting("grid.0.sweep", {"lora_rank": [8]}), ("field 'grid[0].sweep.lora_rank'", "'lora_r'")),
+    ("axis-seeds-not-a-field", setting("sweep", {"seeds": [1, 2]}), ("field 'sweep.seeds'", "not a training field")),
+    ("block-training-unknown", setting("grid.0.training", {"epoch": 3}), ("field 'grid[0].training.epoch'", "did you mean 'epochs'")),
+    ("block-training-bad-value", setting("grid.0.training", {"epochs": 0}), ("field 'grid[0].training.epochs'", "> 0")),
+    ("axis-wrong-type", setting("sweep", {"lr": [1e-4, "fast"]}), ("field 'sweep.lr[1]'", "'fast'", "number")),
+    ("axis-not-whole", setting("sweep", {"lora_r": [8, 2.5]}), ("field 'sweep.lora_r[1]'", "whole number")),
+    ("axis-empty-list", setting("sweep", {"lr": []}), ("field 'sweep.lr'", "at least one value")),
+    ("axis-duplicate", setting("sweep", {"lora_r": [8, 16, 8]}), ("field 'sweep.lora_r[2]'", "listed twice")),
+    ("axis-duplicate-spelling", setting("sweep", {"lr": [0.0001, "1e-4"]}), ("field 'sweep.lr[1]'", "listed twice")),
+    ("axis-mapping-value", setting("sweep", {"lr": {"low": 1e-4}}), ("field 'sweep.lr'", "mapping")),
+    ("axis-not-a-mapping", setting("sweep", [1e-4, 3e-4]), ("field 'sweep'", "mapping")),
+    ("axis-bad-choice", setting("sweep", {"precision": ["fp32", "fp8"]}), ("field 'sweep.precision[1]'", "'fp8'", "auto, bf16")),
+    ("axis-out-of-range", setting("sweep", {"dropout": [0.1, 1.5]}), ("field 'sweep.dropout[1]'", "< 1")),
+    ("axis-unknown-deepspeed", setting("sweep", {"deepspeed": [None, "zero9"]}), ("field 'sweep.deepspeed[1]'", "'zero9'")),
+    ("axis-conflicts-with-block-training",
+     lambda spec, a: setting("grid.0.training", {"lr": 0.01})(setting("sweep", {"lr": [1e-4, 1e-3]})(spec, a), a),
+     ("field 'grid[0].training.lr'", "conflicts with the axis sweep.lr")),
+    ("axis-swept-twice",
+     lambda spec, a: setting("grid.0.sweep", {"lr": [0.1]})(setting("sweep", {"lr": [1e-4, 1e-3]})(spec, a), a),
+     ("field 'grid[0].sweep.lr'", "top level too")),
+]
+
+# `--set FIELD=VALUE` on top of the valid base sweep: (case id, overrides, expected substrings)
+SET_CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
+    ("set-unknown-axis-field", ["sweep.lrr=[1e-4]"], ("field 'sweep.lrr'", "did you mean 'lr'", "--set sweep.lrr")),
+    ("set-unknown-training-field", ["training.epoch=5"], ("field 'training.epoch'", "'epochs'", "--set")),
+    ("set-wrong-type", ["training.epochs=many"], ("field 'training.epochs'", "'many'", "--set training.epochs=many")),
+    ("set-axis-wrong-type", ["sweep.lr=[1e-4,high]"], ("field 'sweep.lr[1]'", "'high'", "--set")),
+    ("set-empty-list", ["sweep.lr=[]"], ("field 'sweep.lr'", "at least one value", "--set")),
+    ("set-duplicate-values", ["sweep.lr=[1e-4,0.0001]"], ("field 'sweep.lr[1]'", "listed twice")),
+    ("set-conflict", ["training.epochs=5", "training.epochs=7"], ("conflicts with --set 'training.epochs=5'",)),
+    ("set-conflict-parent", ["training={epochs: 5}", "training.lr=0.1"], ("conflicts", "'training'")),
+    ("set-conflicts-with-block", ["grid.0.training.lr=0.1", "sweep.lr=[1e-4,1e-3]"], ("grid[0].training.lr", "conflicts with the axis")),
+    ("set-no-equals", ["training.epochs"], ("FIELD=VALUE",)),
+    ("set-bad-yaml", ["sweep.lr=[1e-4"], ("not valid YAML",)),
+    ("set-into-scalar", ["name.x=1"], ("'name' is text", "no field 'x'")),
+    ("set-bad-index", ["grid.5.variants=[all]"], ("'grid' has no item 5",)),
 ]
 
 
@@ -279,3 +318,29 @@ def test_bad_input_as_a_subprocess(case_id: str, tmp_path: Path, assets: dict[st
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert all(e in lines[0] for e in expects), lines[0]
     assert proc.stdout == "" and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["validate", "submit"])
+@pytest.mark.parametrize(("case_id", "overrides", "expects"), SET_CASES, ids=[c[0] for c in SET_CASES])
+def test_bad_override(
+    case_id: str,
+    overrides: list[str],
+    expects: tuple[str, ...],
+    command: str,
+    tmp_path: Path,
+    assets: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sweep, out = _write_case(tmp_path, assets, lambda spec, _assets: spec)
+    argv = ["validate", str(sweep)] if command == "validate" else ["submit", str(sweep), "--dry-run"]
+    for text in overrides:
+        argv += ["--set", text]
+    code, stdout, stderr = _main(argv, capsys)
+    assert code == 2, f"{case_id}: exit {code}; stdout {stdout!r}; stderr {stderr!r}"
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, lines
+    assert lines[0].startswith("aullm-grid: error: ") and str(sweep) in lines[0]
+    for expected in expects:
+        assert expected in lines[0], f"{case_id}: {expected!r} not in {lines[0]!r}"
+    assert stdout == ""
+    assert not out.exists(), f"{case_id}: the sweep directory was created"

@@ -127,6 +127,19 @@ class BaseLLM(nn.Module):
     def lora_parameters(self) -> dict[str, nn.Parameter]:
         return {name: p for name, p in self.model.named_parameters() if "lora_" in name}
 
+    def use_lora(self, lora: LoraSettings) -> None:
+        """Give the loaded base model adapters of other LoRA settings (rank, alpha, dropout),
+        without reloading its weights: cells of one task may sweep the LoRA rank and still
+        share the load (the base stays frozen and untouched; the adapters are new)."""
+        if lora == self.lora:
+            return
+        from peft import get_peft_model
+
+        device = self.device
+        base = self.model.unload()  # the base model with the LoRA layers taken out, unmerged
+        self.model = get_peft_model(base, _lora_config(lora)).to(device)
+        self.lora = lora
+
     @torch.no_grad()
     def reset_adapters(self, seed: int) -> None:
         """Re-initialise every LoRA weight from `seed`, as PEFT does on creation:
@@ -163,6 +176,18 @@ def _check_model_dir(path: Path) -> None:
         raise UserInputError(f"llm path {path}: is not a model directory; it must hold config.json and the weights")
 
 
+def _lora_config(lora: LoraSettings) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+    )
+
+
 def load_base_llm(
     path: str | Path,
     *,
@@ -173,7 +198,7 @@ def load_base_llm(
 ) -> BaseLLM:
     """Load the decoder (AutoModel: hidden states only) and tokenizer from a local
     directory, freeze it, add LoRA adapters and initialise them from `adapter_seed`."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModel, AutoTokenizer
 
     model_dir = Path(path).expanduser()
@@ -195,14 +220,7 @@ def load_base_llm(
         raise UserInputError(
             f"lora.target_modules: {missing} not found in {model_dir}; e.g. q_proj, k_proj, v_proj, o_proj"
         )
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        bias="none",
-    )
-    peft_model = get_peft_model(base, config)
+    peft_model = get_peft_model(base, _lora_config(lora))
     if device is not None:
         peft_model.to(device)
     llm = BaseLLM(peft_model, tokenizer, model_dir, lora)

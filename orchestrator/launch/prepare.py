@@ -7,6 +7,7 @@ to the sweep directory or talks to a scheduler. `validate`, `submit` and `retry`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from aullm.errors import UserInputError
@@ -17,30 +18,40 @@ if TYPE_CHECKING:
     from orchestrator.sweep.spec import SweepSpec
 
 
-def prepare(sweep_file: str) -> tuple[SweepSpec, dict[str, list[str]], list[Cell]]:
-    """Load a sweep file, check its paths, expand it: (spec, subjects by dataset, cells)."""
+def prepare(sweep_file: str, overrides: Sequence[str] = ()) -> tuple[SweepSpec, dict[str, list[str]], list[Cell]]:
+    """Load a sweep file (with its `--set` overrides), check its paths, expand it:
+    (spec, subjects by dataset, cells)."""
     from orchestrator.sweep.cells import expand
     from orchestrator.sweep.spec import check_deepspeed, load_sweep, validate_paths
 
-    spec = load_sweep(sweep_file)
+    spec = load_sweep(sweep_file, overrides)
     subjects = validate_paths(spec)
     check_deepspeed(spec)
     cells = expand(spec, subjects)
     return spec, subjects, cells
 
 
-def check_compatible(spec: SweepSpec, sweep: SweepDir) -> None:
-    """Refuse to add cells to a sweep directory whose results were trained differently."""
-    if not sweep.exists():
-        return
-    from aullm.recipes import recorded
+def check_compatible(spec: SweepSpec, sweep: SweepDir, cells: Sequence[Cell]) -> None:
+    """Refuse a sweep file whose cells would land on results trained under other settings
+    (`orchestrator.ledger.check_settings`: the one check of validate, submit, retry, collect)."""
+    from orchestrator.ledger import check_settings
 
-    previous = recorded(sweep.read_manifest().get("spec", {}).get("training", {}))
-    current = spec.snapshot()["training"]
-    changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-    if changed:
-        key = changed[0]
-        raise UserInputError(
-            f"{spec.source}: field 'training.{key}': {current.get(key)!r} differs from {previous.get(key)!r} "
-            f"used by the results already in {sweep.path}; results would mix, so use a new output_dir"
-        )
+    check_settings(spec, sweep, cells)
+
+
+def check_same_cells(spec: SweepSpec, sweep: SweepDir, cells: Sequence[Cell]) -> None:
+    """`retry` re-runs the manifest's cells under the manifest's settings and nothing else:
+    a sweep file that now expands to other cells (an axis value added or changed) is the
+    business of `submit`, never of a retry that would rewrite the manifest behind the user."""
+    known = {c.cell_id for c in sweep.cells()}
+    now = {c.cell_id for c in cells}
+    if known == now:
+        return
+    added, gone = sorted(now - known), sorted(known - now)
+    what = f"cell {added[0]} is new" if added else f"cell {gone[0]} is gone"
+    raise UserInputError(
+        f"{spec.source}: the sweep file no longer expands to the cells of {sweep.manifest_path} "
+        f"({len(added)} new, {len(gone)} gone; {what}); retry re-runs only the recorded cells: "
+        "submit the file to add cells, or retry with the file the sweep was submitted with "
+        f"({sweep.resolved_sweep_path})"
+    )

@@ -404,18 +404,27 @@ def _fresh_plan(spec: Any, cells: list[Cell]) -> Plan:
 # -- retry and cancel ------------------------------------------------------------------
 
 
+def sweep_file_of(arg: str) -> str:
+    """A sweep directory stands for the resolved sweep file submit wrote into it."""
+    path = Path(arg)
+    if path.is_dir() and SweepDir(path).resolved_sweep_path.is_file():
+        return str(SweepDir(path).resolved_sweep_path)
+    return arg
+
+
 def retry_main(args: Any) -> int:
     """Re-submit failed or missing cells (or the named ones); done cells are never redone."""
-    from orchestrator.launch.prepare import check_compatible, prepare
+    from orchestrator.launch.prepare import check_compatible, check_same_cells, prepare
     from orchestrator.state.status import NEEDS_RETRY, cell_statuses
 
     from aullm.errors import UserInputError
 
-    spec, _subjects, cells = prepare(args.sweep)
+    spec, _subjects, cells = prepare(sweep_file_of(args.sweep), getattr(args, "set", None) or ())
     sweep = SweepDir(spec.output_dir)
     if not sweep.exists():
         raise UserInputError(f"{args.sweep}: not submitted yet (no manifest in {sweep.path}); use `aullm-grid submit`")
-    check_compatible(spec, sweep)
+    check_compatible(spec, sweep, cells)
+    check_same_cells(spec, sweep, cells)
     known = {c.cell_id for c in cells}
     if args.cells:
         unknown = [c for c in args.cells if c not in known]

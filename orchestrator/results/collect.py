@@ -44,6 +44,7 @@ from aullm.metrics import (
 )
 from orchestrator.ledger import RESULT_STATUSES
 from orchestrator.results.types import CellRef, GroupKey, GroupResult, MissingCell, ProtocolSummary, Stat
+from orchestrator.sweep.settings import swept_fields
 
 __all__ = [
     "CollectReport",
@@ -162,6 +163,7 @@ def collect_groups(
     recipe: str = "paper",
     differs_from_script: Sequence[str] = (),
     synthetic_datasets: Collection[str] = (),
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[GroupResult]:
     """Group the manifest's cells, check each group is whole, and score the whole ones.
 
@@ -204,10 +206,23 @@ def collect_groups(
             differs_from_script=tuple(differs_from_script),
             synthetic=any(d in synthetic_datasets for d in (first.dataset, first.train_dataset, first.test_dataset) if d),
         )
+        if settings is not None and first.settings_hash in settings:
+            # each setting says its own recipe: one sweep may train both
+            from aullm.recipes import differs_from
+
+            group.settings = dict(settings[first.settings_hash])
+            group.recipe = str(group.settings.get("recipe", recipe))
+            group.differs_from_script = differs_from(group.settings, "script")
+            group.swept = swept_fields(settings.values())
         for c in members:
             res = results.get(c.cell_id)
             if res is None:
                 group.missing.append(MissingCell(c.seed, c.fold, c.cell_id, "no result"))
+            elif res.get("status") == "done" and c.settings_hash and res.get("settings_hash", c.settings_hash) != c.settings_hash:
+                # never pool a fold trained under other settings than the manifest's for it
+                group.missing.append(MissingCell(c.seed, c.fold, c.cell_id,
+                                                 f"other settings: trained under {res.get('settings_hash')}, "
+                                                 f"the manifest says {c.settings_hash}"))
             elif res.get("status") != "done":
                 err = " ".join(str(res.get("error") or res.get("status") or "unknown").split())[:200]
                 group.missing.append(MissingCell(c.seed, c.fold, c.cell_id, f"failed: {err}"))
@@ -303,10 +318,12 @@ def write_outputs(
 
     `while_plotting` is called once, after the tables are written and while the figures
     are being drawn (in worker processes where there are several CPUs)."""
+    from orchestrator.results import settings_table as stbl
     from orchestrator.results import tables as tbl
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    by_settings = stbl.settings_rows(groups)
     built = list(tables) if tables is not None else tbl.build_tables(groups, tbl.load_paper_tables())
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     plotter: _Plotter | None = None
@@ -317,8 +334,12 @@ def write_outputs(
             for ext, text in (("md", tbl.to_markdown(t)), ("csv", tbl.to_csv(t)), ("tex", tbl.to_latex(t))):
                 _write_text(tmp / f"{t.key}.{ext}", text)
                 names.append(f"{t.key}.{ext}")
-        _write_text(tmp / "tables.md", tbl.document_markdown(built, groups, title=title))
+        _write_text(tmp / "tables.md", tbl.document_markdown(built, groups, title=title) + stbl.to_markdown(by_settings))
         _write_text(tmp / "groups.csv", tbl.groups_csv(groups))
+        if by_settings:
+            _write_text(tmp / "settings.md", stbl.to_markdown(by_settings, level=1))
+            _write_text(tmp / "settings.csv", stbl.to_csv(by_settings))
+            names += ["settings.md", "settings.csv"]
         summary = {
             "title": title,
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -333,6 +354,9 @@ def write_outputs(
         if plotter is not None:
             names += plotter.wait()
             plotter = None
+            from orchestrator.results.plots import write_settings_plots
+
+            names += [p.name for p in write_settings_plots(by_settings, tmp)]
         _write_text(tmp / INDEX_FILE, json.dumps({"files": sorted(names)}, indent=2) + "\n")
 
         previous: list[str] = []
@@ -365,15 +389,22 @@ class CollectReport:
     tracking: str  # one line: what happened in MLflow
 
 
-def _resolve_sweep_dir(arg: str | os.PathLike[str]) -> Path:
-    """SWEEP may be the sweep directory or the sweep file that names it."""
+def _resolve_sweep_dir(arg: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Path:
+    """SWEEP may be the sweep directory or the sweep file that names it. A sweep file must
+    still describe the results in its directory (the settings check of submit): tables of a
+    file whose settings changed would be labelled with settings the results were not
+    trained under."""
     path = Path(arg)
     if path.is_dir():
         return path
     if path.is_file():
-        from orchestrator.sweep.spec import load_sweep
+        from orchestrator.ledger import SweepDir, check_settings
+        from orchestrator.sweep.cells import expand
+        from orchestrator.sweep.spec import load_sweep, validate_paths
 
-        return Path(load_sweep(path).output_dir)
+        spec = load_sweep(path, overrides)
+        check_settings(spec, SweepDir(spec.output_dir), expand(spec, validate_paths(spec)))
+        return Path(spec.output_dir)
     raise UserInputError(f"collect: SWEEP {str(path)!r} is neither a sweep directory nor a sweep file")
 
 
@@ -409,9 +440,22 @@ def training_context(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return {"recipe": training["recipe"], "differs_from_script": differs, "synthetic_datasets": synthetic}
 
 
+def _settings_table(manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+    """hash -> resolved settings; a manifest from before axes: its `training` block, under
+    the empty hash its cells carry (so their parent runs get the training params too)."""
+    if manifest.get("settings"):
+        return dict(manifest["settings"])
+    training = (manifest.get("spec") or {}).get("training")
+    if not isinstance(training, Mapping):
+        return None
+    from aullm.recipes import recorded
+
+    return {"": recorded(training)}
+
+
 # What collecting reads of a result file: the rest (350 epoch losses, timing, a failed
 # cell's traceback) is most of its bytes and is never parsed.
-RESULT_FIELDS = ("cell_id", "status", "error", "predictions", "mlflow")
+RESULT_FIELDS = ("cell_id", "status", "error", "predictions", "mlflow", "settings_hash")
 
 
 def _read_results(sweep: Any, cell_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -487,12 +531,13 @@ def collect_sweep(
     track: bool = True,
     plots: bool = True,
     console: Any = None,
+    overrides: Sequence[str] = (),
 ) -> CollectReport:
     """Collect a sweep directory: tables and plots into `out` (default
     ``<sweep>/results_tables``), printed to the terminal, and MLflow parent runs."""
     from orchestrator.ledger import SweepDir
 
-    sweep_dir = _resolve_sweep_dir(sweep_arg)
+    sweep_dir = _resolve_sweep_dir(sweep_arg, overrides)
     sweep = SweepDir(sweep_dir)
     manifest = sweep.read_manifest()  # UserInputError (exit 2) when it is not a sweep directory
     cells = manifest.get("cells") or []
@@ -500,7 +545,8 @@ def collect_sweep(
         raise UserInputError(f"collect: {sweep_dir}/manifest.json lists no cells")
     refs = [CellRef.from_any(c) for c in cells]
     results = _read_results(sweep, [r.cell_id for r in refs])
-    groups = collect_groups(refs, results, layouts=_layouts(manifest), **training_context(manifest))
+    groups = collect_groups(refs, results, layouts=_layouts(manifest), settings=_settings_table(manifest),
+                            **training_context(manifest))
     out_dir = Path(out) if out is not None else sweep_dir / RESULTS_DIRNAME
     title = str(manifest.get("name") or sweep_dir.name)
     from orchestrator.results import tables as tbl
@@ -509,6 +555,14 @@ def collect_sweep(
 
     def while_plotting() -> None:
         tbl.print_terminal(groups, console=console, title=title, tables=built)
+        from orchestrator.results import settings_table as stbl
+
+        rows = stbl.settings_rows(groups)
+        if rows:  # plain Markdown: the settings table has no paper rows to style
+            if console is not None:
+                console.print(stbl.to_markdown(rows), markup=False, highlight=False)
+            else:
+                print(stbl.to_markdown(rows))
         if track:  # the mlflow import overlaps the plot workers instead of following them
             from orchestrator.tracking.store import preload
 
@@ -548,6 +602,7 @@ def collect_main(args: Any) -> int:
         getattr(args, "out", None),
         track=not getattr(args, "no_mlflow", False),
         plots=not getattr(args, "no_plots", False),
+        overrides=getattr(args, "set", None) or (),
     )
     return 0
 

@@ -4,6 +4,7 @@
   in Tables 1, 2, 4 and 4DME, one panel per model: ours (pooled_binary@0.5, ± std over seeds), ours paper_compatible, the paper.
 - ``ablation.png``: the paper's Fig. 2 as grouped bars: average F1 per variant, one bar
   per LLM, the paper's Table 3 figure as a black tick on each bar.
+- ``settings_<field>.png``: headline F1 against each field the sweep varies (axes).
 - ``per_subject_<data>.png``: a strip of per-subject F1 for each group, so subjects that
   drag a pooled score down stand out (the lowest, and any below the box-plot whisker,
   are named).
@@ -14,6 +15,7 @@ disagree about which paper figure belongs to which model.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +25,7 @@ import numpy as np
 from aullm.metrics import HEADLINE_PROTOCOL
 
 from orchestrator.results.types import GroupResult
+from orchestrator.results.settings_table import SettingsRow
 from orchestrator.results.tables import BASELINE_VARIANT, COMPAT, Block, Section, Table, group_label
 
 if TYPE_CHECKING:
@@ -204,4 +207,48 @@ def write_plots(groups: Sequence[GroupResult], tables: Sequence[Table], out_dir:
                 save(per_au_figure(table, section), f"f1_per_au_{_safe_name(_section_data(section))}.png")
     for data in sorted({g.key.data for g in groups}):
         save(per_subject_figure(groups, data), f"per_subject_{_safe_name(data)}.png")
+    return written
+
+
+def settings_figure(rows: Sequence[SettingsRow], field: str) -> Figure | None:
+    """Headline F1 against one swept field: a line per (data, LLM, variant) and value of the
+    other swept fields, so each line changes this field alone (± std from 2 seeds up)."""
+    from orchestrator.sweep.settings import show_value
+
+    scored = [r for r in rows if r.f1 is not None]
+    values = sorted({json.dumps(r.values.get(field)) for r in scored}, key=lambda t: (type(json.loads(t)).__name__, json.loads(t)))
+    if not scored or not values:
+        return None
+    series: dict[str, list[SettingsRow]] = {}
+    for r in scored:
+        others = ",".join(f"{k}={show_value(v)}" for k, v in r.values.items() if k != field)
+        series.setdefault(f"{r.base}" + (f" ({others})" if others else ""), []).append(r)
+    fig = _figure(max(5.0, 1.2 * len(values) + 3), 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = {v: i for i, v in enumerate(values)}
+    for name, members in sorted(series.items()):
+        members = sorted(members, key=lambda r: xs[json.dumps(r.values.get(field))])
+        x = [xs[json.dumps(r.values.get(field))] for r in members]
+        y = [r.f1.mean for r in members if r.f1 is not None]
+        err = [r.f1.std if r.f1 is not None and r.f1.n >= 2 else 0.0 for r in members]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+    ax.set_xticks(range(len(values)), [show_value(json.loads(v)) for v in values])
+    ax.set_xlabel(field)
+    ax.set_ylabel(f"F1 % ({HEADLINE_PROTOCOL})")
+    ax.set_title(f"F1 against {field}")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def write_settings_plots(rows: Sequence[SettingsRow], out_dir: str | Path) -> list[Path]:
+    """``settings_<field>.png`` for each swept field (nothing when nothing is swept)."""
+    out = Path(out_dir)
+    written: list[Path] = []
+    for field in (list(rows[0].values) if rows else []):
+        fig = settings_figure(rows, field)
+        if fig is not None:
+            path = out / f"settings_{_safe_name(field)}.png"
+            fig.savefig(path)
+            written.append(path)
     return written

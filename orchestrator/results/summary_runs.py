@@ -141,6 +141,25 @@ def _note(group: GroupResult) -> str:
     return "\n".join(lines)
 
 
+def _param_text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _settings_params(group: GroupResult) -> dict[str, str]:
+    """Every resolved training field of the group's cells (not only the swept ones), so the
+    UI's compare view and `search_runs("params.lr = '0.0001'")` see how each was trained."""
+    return {k: _param_text(v) for k, v in group.settings.items()}
+
+
+def _settings_tags(group: GroupResult) -> dict[str, str]:
+    """The fields the sweep varies, as tags (`aullm.setting.lr`), and the group's settings
+    label (`aullm.settings`, '' for the sweep's own `training`): filters that change with
+    the sweep's axes, where params hold what the group was trained with."""
+    tags = {f"aullm.setting.{k}": _param_text(group.settings.get(k)) for k in group.swept}
+    tags["aullm.settings"] = group.key.settings
+    return tags
+
+
 def _artifacts_for(group: GroupResult, tables_dir: Path | None) -> list[Path]:
     if tables_dir is None or not tables_dir.is_dir():
         return []
@@ -225,6 +244,7 @@ def log_group_runs(
                 "aullm.recipe": group.recipe, "aullm.like_against_like": str(group.like_against_like).lower(),
                 "aullm.synthetic": str(group.synthetic).lower(),
                 TAG_NOTE: _note(group),
+                **_settings_tags(group),
             }  # fmt: skip
             have_tags = run.data.tags
             new_tags = [RunTag(k, v) for k, v in tags.items() if have_tags.get(k) != v]
@@ -232,6 +252,7 @@ def log_group_runs(
             params = {"protocol": group.key.kind, "dataset": group.key.data, "llm": group.key.llm or "none",
                       "variant": group.key.variant, "layout": group.layout, "headline": HEADLINE_PROTOCOL,
                       "recipe": group.recipe}  # fmt: skip
+            params.update((k, v) for k, v in _settings_params(group).items() if k not in params)
             new_params = [Param(k, v) for k, v in params.items() if k not in run.data.params]
             have_metrics = run.data.metrics
             now = int(time.time() * 1000)

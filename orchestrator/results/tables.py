@@ -466,6 +466,9 @@ def build_tables(groups: Sequence[GroupResult], paper: PaperTables | None = None
     """Tables 1, 2, 3, 4 and 4DME (those with at least one group), then one table for
     every group none of them shows, so nothing the sweep computed is left out."""
     paper = paper or load_paper_tables()
+    # Only the sweep's own `training` settings: a group trained under an axis value is a
+    # row of the settings table (settings_table.py), never an entry beside these.
+    groups = [g for g in groups if not g.key.settings]
     shown: set[str] = set()
     tables: list[Table] = []
     loso = [g for g in groups if g.key.kind == "loso"]

@@ -29,12 +29,14 @@ class GroupKey:
     data: str
     llm: str  # "" for variants without an LLM
     variant: str
+    settings: str = ""  # the cells' settings label ('' = the sweep's own `training`)
 
     @property
     def id(self) -> str:
         """Stable, human-readable id; the MLflow tag ``aullm.group`` of the parent run."""
         # the cells' own NO_LLM: group ids equal the `aullm.group` tag cell runs carry ("casme2/none/no_llm")
-        return f"{self.data}/{self.llm or NO_LLM}/{self.variant}"
+        base = f"{self.data}/{self.llm or NO_LLM}/{self.variant}"
+        return f"{base}/{self.settings}" if self.settings else base
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class CellRef:
     llm: str
     variant: str
     seed: int
+    settings: str = ""
+    settings_hash: str = ""
 
     @classmethod
     def from_any(cls, obj: Any) -> CellRef:
@@ -97,12 +101,14 @@ class CellRef:
             llm=llm,
             variant=str(variant),
             seed=seed_int,
+            settings=str(get("settings") or ""),
+            settings_hash=str(get("settings_hash") or ""),
         )
 
     @property
     def group_key(self) -> GroupKey:
         data = self.dataset if self.kind == "loso" else f"{self.train_dataset}_to_{self.test_dataset}"
-        return GroupKey(self.kind, str(data), self.llm, self.variant)
+        return GroupKey(self.kind, str(data), self.llm, self.variant, self.settings)
 
 
 @dataclass(frozen=True)
@@ -149,6 +155,10 @@ class GroupResult:
     recipe: str = "paper"
     differs_from_script: tuple[str, ...] = ()  # recipe fields whose value is not the released script's
     synthetic: bool = False  # trained and tested on `aullm-grid data synth` data
+    # The full resolved training settings of the group's cells (empty when not known), and
+    # which fields the sweep varies (the settings table and plot show those).
+    settings: dict[str, Any] = field(default_factory=dict)
+    swept: tuple[str, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -205,4 +215,7 @@ class GroupResult:
             "differs_from_script": list(self.differs_from_script),
             "synthetic": self.synthetic,
             "like_against_like": self.like_against_like,
+            "settings_label": self.key.settings,
+            "swept": {k: self.settings.get(k) for k in self.swept},
+            "training": self.settings,
         }

@@ -58,11 +58,21 @@ class Cell:
     llm_path: str | None
     variant: str
     seed: int
+    # Training settings other than the sweep's own `training`: 'lr=1e-4,lora_r=8@<hash>'
+    # (orchestrator/sweep/settings.py), '' for the sweep's own. Part of the id and group.
+    settings: str = ""
+    # Hash of the full resolved settings the cell trains under (the manifest's `settings`
+    # table has them); '' only in manifests written before axes existed.
+    settings_hash: str = ""
+    # What a task sets up once for all its cells (`task_setup`): cells that differ here
+    # never share a task. '' in manifests written before axes.
+    task_setup: str = ""
 
     @property
-    def group(self) -> tuple[str, str, str]:
-        """(data, llm, variant): the cells whose folds the collector pools (per seed)."""
-        return (self.dataset, self.llm or NO_LLM, self.variant)
+    def group(self) -> tuple[str, ...]:
+        """(data, llm, variant[, settings]): the cells whose folds the collector pools (per seed)."""
+        base = (self.dataset, self.llm or NO_LLM, self.variant)
+        return (*base, self.settings) if self.settings else base
 
     @property
     def group_id(self) -> str:
@@ -76,11 +86,11 @@ class Cell:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Cell:
         """From a manifest record; derived keys such as `group` are ignored."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in data]
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING]
         if missing:
             raise ValueError(f"cell record lacks {', '.join(missing)}")
-        return cls(**{n: data[n] for n in names})
+        return cls(**{f.name: data[f.name] for f in fields if f.name in data})
 
     def params(self) -> dict[str, str | int]:
         """Flat values for MLflow params (no None: MLflow stores them as the text 'None')."""
@@ -94,6 +104,7 @@ class Cell:
             "llm": self.llm or NO_LLM,
             "variant": self.variant,
             "seed": self.seed,
+            "settings": self.settings,
         }
 
     def group_tags(self, sweep_name: str) -> dict[str, str]:
@@ -105,6 +116,7 @@ class Cell:
             "aullm.llm": self.llm or NO_LLM,
             "aullm.variant": self.variant,
             "aullm.group": self.group_id,
+            "aullm.settings": self.settings,
         }
 
     def tags(self, sweep_name: str) -> dict[str, str]:
@@ -123,16 +135,19 @@ def cross_domain_label(train: str, test: str) -> str:
 
 
 def make_cell_id(
-    *, kind: str, train: str, test: str, fold: str | None, llm: str | None, variant: str, seed: int
+    *, kind: str, train: str, test: str, fold: str | None, llm: str | None, variant: str, seed: int,
+    settings: str = "",
 ) -> str:
-    """`casme2-loso-sub01__qwen2-1.5b__all__s1`, `casme2-to-samm__none__no_llm__s1`."""
+    """`casme2-loso-sub01__qwen2-1.5b__all__s1`, `casme2-to-samm__none__no_llm__s1`; a cell
+    trained under other settings than the sweep's own: `...__all__lr=1e-4@1a2b3c4d__s1`."""
     if kind == "loso":
         if fold is None:
             raise ValueError("a LOSO cell needs a fold")
         data = f"{train}-loso-{_safe(fold)}"
     else:
         data = f"{train}-to-{test}"
-    return ID_SEPARATOR.join((data, llm or NO_LLM, variant, f"s{seed}"))
+    parts = (data, llm or NO_LLM, variant, *((settings,) if settings else ()), f"s{seed}")
+    return ID_SEPARATOR.join(parts)
 
 
 def _sort_key(cell: Cell) -> tuple[Any, ...]:
@@ -144,6 +159,7 @@ def _sort_key(cell: Cell) -> tuple[Any, ...]:
         cell.test_dataset,
         _VARIANT_RANK.get(cell.variant, len(VARIANTS)),
         cell.variant,
+        cell.settings,
         cell.seed,
         natural_key(cell.fold or ""),
         cell.cell_id,
@@ -194,24 +210,29 @@ def expand(spec: SweepSpec, subjects_by_dataset: Mapping[str, Sequence[str]]) ->
 
         for train, test, fold in units:
             for variant, llm in choices:
-                for seed in seeds:
-                    kind: Literal["loso", "cross_domain"] = "loso" if fold is not None else "cross_domain"
-                    add(
-                        Cell(
-                            cell_id=make_cell_id(
-                                kind=kind, train=train, test=test, fold=fold, llm=llm, variant=variant, seed=seed
-                            ),
-                            kind=kind,
-                            dataset=train if kind == "loso" else cross_domain_label(train, test),
-                            train_dataset=train,
-                            test_dataset=test,
-                            fold=fold,
-                            llm=llm,
-                            llm_path=spec.llms[llm].path if llm is not None else None,
-                            variant=variant,
-                            seed=seed,
+                for label, digest, resolved in spec.block_settings(index, llm=llm is not None):
+                    for seed in seeds:
+                        kind: Literal["loso", "cross_domain"] = "loso" if fold is not None else "cross_domain"
+                        add(
+                            Cell(
+                                cell_id=make_cell_id(
+                                    kind=kind, train=train, test=test, fold=fold, llm=llm, variant=variant, seed=seed,
+                                    settings=label,
+                                ),
+                                kind=kind,
+                                dataset=train if kind == "loso" else cross_domain_label(train, test),
+                                train_dataset=train,
+                                test_dataset=test,
+                                fold=fold,
+                                llm=llm,
+                                llm_path=spec.llms[llm].path if llm is not None else None,
+                                variant=variant,
+                                seed=seed,
+                                settings=label,
+                                settings_hash=digest,
+                                task_setup=task_setup(resolved),
+                            )
                         )
-                    )
     return sort_cells(cells.values())
 
 
@@ -255,16 +276,28 @@ def _balanced_chunks(items: Sequence[T], limit: int) -> list[list[T]]:
     return chunks
 
 
-def pack_key(cell: Cell) -> tuple[str]:
-    """What the cells of one task must share: the LLM it loads once (none for no_llm)."""
-    return (cell.llm_path or "",)
+def task_setup(settings: Mapping[str, Any]) -> str:
+    """The settings a task fixes for all its cells when it starts: the LLM's dtype (from
+    `precision`) and the DeepSpeed engine, whose config takes the batch size. Everything
+    else (lr, epochs, LoRA rank, ...) is per cell."""
+    text = f"precision={settings.get('precision')}"
+    if settings.get("deepspeed"):
+        text += f",deepspeed={settings['deepspeed']},batch_size={settings.get('batch_size')}"
+    return text
+
+
+def pack_key(cell: Cell) -> tuple[str, str]:
+    """What the cells of one task must share: the LLM it loads once (none for no_llm) and
+    its `task_setup`. Cells differing only in per-cell settings share the LLM load that
+    packing exists to save."""
+    return (cell.llm_path or "", cell.task_setup)
 
 
 def pack(cells: Iterable[Cell], cells_per_task: int) -> list[list[Cell]]:
     """Tasks of at most `cells_per_task` cells sharing one LLM; deterministic order."""
     if cells_per_task < 1:
         raise ValueError(f"cells_per_task must be >= 1, got {cells_per_task}")
-    groups: dict[tuple[str], list[Cell]] = {}
+    groups: dict[tuple[str, str], list[Cell]] = {}
     for cell in sort_cells(cells):
         groups.setdefault(pack_key(cell), []).append(cell)
     tasks: list[list[Cell]] = []

@@ -16,6 +16,8 @@ each dataset. Both are cheap: no torch, transformers, mlflow or submitit here.
 from __future__ import annotations
 
 import difflib
+import itertools
+import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -40,6 +42,7 @@ from pydantic_core import PydanticCustomError
 from aullm.constants import DATASETS, VARIANTS, VARIANTS_WITHOUT_LLM
 from aullm.errors import UserInputError
 from orchestrator.sweep import paths, profiles
+from orchestrator.sweep import settings as _settings
 
 EXECUTORS: tuple[str, ...] = ("slurm", "local", "debug")
 PROTOCOLS: tuple[str, ...] = ("loso", "cross_domain")
@@ -57,6 +60,8 @@ MAX_CPUS_PER_TASK = 1024
 MAX_GPUS_PER_NODE = 64
 MAX_TIME_MIN = 366 * 24 * 60
 MAX_MEM_MB = 64 * 1024 * 1024  # 64 TiB: anything above is a typo
+# A block's settings: (label, hash, resolved training fields), the default setting's label ''.
+SettingsList = list[tuple[str, str, dict[str, Any]]]
 
 
 # ---------------------------------------------------------------- value helpers
@@ -565,6 +570,12 @@ class GridBlock(_Strict):
     seeds: Annotated[list[Seed], AfterValidator(_unique)] | None = Field(
         None, min_length=1, description="seeds of this block; default: the sweep's seeds"
     )
+    training: dict[str, Any] | None = Field(
+        None, description="training fields this block sets differently from the sweep's `training` (same names)"
+    )
+    sweep: dict[str, Any] | None = Field(
+        None, description="axes of this block: {field: [values, ...]}, a cartesian product (with the sweep's `sweep`)"
+    )
 
 
 class SweepSpec(_Strict):
@@ -581,12 +592,19 @@ class SweepSpec(_Strict):
     )
     grid: list[GridBlock] = Field(min_length=1, description="blocks whose union is the set of cells")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="training settings of every cell")
+    sweep: dict[str, Any] | None = Field(
+        None, description="axes of every block: {training field: [values, ...]}, a cartesian product"
+    )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="executor and cluster resources")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow tracking")
 
     # Where the spec came from, for error messages (not part of the spec's content).
     _source: str = PrivateAttr(default="<sweep>")
     _node: Any = PrivateAttr(default=None)
+    # Per block: the settings its cells train under, as (label, hash, resolved fields);
+    # label '' is the sweep's own `training` (cells keep the ids they had before axes).
+    _block_settings: list[tuple[SettingsList, SettingsList]] = PrivateAttr(default_factory=list)
+    _overrides: list[str] = PrivateAttr(default_factory=list)  # the `--set`s applied, as typed
 
     @field_validator("output_dir", "cache_dir", mode="before")
     @classmethod
@@ -594,7 +612,7 @@ class SweepSpec(_Strict):
         return _local_path(value, info) if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _cross_references(self) -> SweepSpec:
+    def _cross_references(self, info: ValidationInfo) -> SweepSpec:
         for name, ds in self.datasets.items():
             if ds.layout is None:
                 if name not in DATASETS:
@@ -608,6 +626,7 @@ class SweepSpec(_Strict):
                 raise SpecFieldError(("llms", name), f"'{name}' is reserved for cells without an LLM; pick another name")
         for i, block in enumerate(self.grid):
             self._check_block(i, block)
+        self._block_settings = _expand_settings(self, info.context)
         if self.cache_dir is None:
             self.cache_dir = self.output_dir / "cache"
         if self.tracking.experiment is None:
@@ -679,9 +698,37 @@ class SweepSpec(_Strict):
                 used.update(self.block_llms(block))
         return [name for name in self.llms if name in used]
 
+    def block_settings(self, index: int, *, llm: bool = True) -> SettingsList:
+        """The settings grid[index]'s cells with (or without) an LLM train under:
+        (label, hash, resolved fields)."""
+        with_llm, without_llm = self._block_settings[index]
+        return with_llm if llm else without_llm
+
+    @property
+    def base_settings(self) -> dict[str, Any]:
+        """The sweep's own `training` block, resolved: the default setting."""
+        return self.training.model_dump(mode="json")
+
+    def settings_table(self) -> dict[str, dict[str, Any]]:
+        """hash -> resolved fields of every setting of the sweep (the default one first)."""
+        table = {_settings.settings_hash(self.base_settings): self.base_settings}
+        for both in self._block_settings:
+            for block in both:
+                table.update((digest, resolved) for _label, digest, resolved in block)
+        return table
+
+    def swept_fields(self) -> list[str]:
+        """Training fields whose value is not the same in every setting of the sweep."""
+        table = list(self.settings_table().values())
+        return [k for k in TRAINING_FIELDS if len({json.dumps(s.get(k)) for s in table}) > 1]
+
     @property
     def source(self) -> str:
         return self._source
+
+    @property
+    def overrides(self) -> list[str]:
+        return list(self._overrides)
 
     def field_error(self, loc: Sequence[str | int], message: str) -> UserInputError:
         """A one-line error about a field of this spec, in the same style as load errors."""
@@ -701,6 +748,127 @@ class SweepSpec(_Strict):
             raise UserInputError(_field_message(source, None, exc.loc, exc.message)) from None
         spec._source = source
         return spec
+
+
+# ---------------------------------------------------------------- settings axes
+
+TRAINING_FIELDS: tuple[str, ...] = tuple(TrainingSpec.model_fields)
+# Fields a cell without an LLM (no_llm) never uses: its settings keep the default values of
+# these, so a LoRA axis neither labels nor multiplies the baseline's cells.
+LLM_ONLY_FIELDS: tuple[str, ...] = ("lora_r", "lora_alpha", "lora_dropout")
+
+
+def _nearest_field(key: str) -> str:
+    close = difflib.get_close_matches(str(key), TRAINING_FIELDS, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"'{key}' is not a training field; {hint}allowed: {', '.join(TRAINING_FIELDS)}"
+
+
+class _Settings:
+    """Validates training values the way `training:` is validated, once per distinct input."""
+
+    def __init__(self, base: dict[str, Any], context: Any) -> None:
+        self.base = base
+        self.context = context
+        self._cache: dict[str, dict[str, Any]] = {}
+
+    def resolve(self, values: dict[str, Any], loc: tuple[str | int, ...], field: str | None = None) -> dict[str, Any]:
+        """Resolved fields of base + `values`; a bad value is reported at `loc`."""
+        raw = {**self.base, **values}
+        key = json.dumps(raw, sort_keys=True, default=str)
+        if key not in self._cache:
+            try:
+                spec = TrainingSpec.model_validate(raw, context=self.context)
+            except ValidationError as exc:
+                error = exc.errors(include_url=False)[0]
+                where = tuple(error["loc"])
+                if error["type"] == "unknown_key":
+                    raise SpecFieldError((*loc, (error.get("ctx") or {}).get("key", "?")), str(error["msg"])) from None
+                if field is None and where:  # a block's `training`: the field at fault is the error's
+                    loc = (*loc, *where)
+                raise SpecFieldError(loc, _problem(error)) from None
+            self._cache[key] = spec.model_dump(mode="json")
+        return self._cache[key]
+
+
+def _axes(raw: Any, loc: tuple[str | int, ...]) -> dict[str, list[Any]]:
+    """`sweep:` as {field: [values]}: a scalar is a one-value list; names must be fields."""
+    if raw is None:
+        return {}
+    out: dict[str, list[Any]] = {}
+    for key, values in raw.items():
+        if key not in TRAINING_FIELDS:
+            raise SpecFieldError((*loc, key), _nearest_field(str(key)))
+        if isinstance(values, dict):
+            raise SpecFieldError((*loc, key), "expected a value or a list of values, got a mapping")
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise SpecFieldError((*loc, key), "an axis must list at least one value")
+        out[key] = values
+    return out
+
+
+def _without_llm(settings: SettingsList, base: dict[str, Any], named: list[str]) -> SettingsList:
+    """The settings of the block's cells without an LLM: LLM-only fields at their default."""
+    out: dict[str, tuple[str, str, dict[str, Any]]] = {}
+    shown = [k for k in named if k not in LLM_ONLY_FIELDS]
+    for _label, _digest, resolved in settings:
+        plain = {**resolved, **{k: base[k] for k in LLM_ONLY_FIELDS}}
+        digest = _settings.settings_hash(plain)
+        out.setdefault(digest, (_settings.label(plain, base, shown), digest, plain))
+    return list(out.values())
+
+
+def _expand_settings(spec: SweepSpec, context: Any) -> list[tuple[SettingsList, SettingsList]]:
+    """Each block's settings: its `training` over the sweep's, times every axis value.
+
+    Values are checked one by one (so an error names the exact list item and its line),
+    then combined; the label names the fields the block sets or sweeps that differ from
+    the sweep's own `training`. Per block: (settings of cells with an LLM, without one)."""
+    base = spec.base_settings
+    given = {k: getattr(spec.training, k) for k in spec.training.model_fields_set}
+    resolver = _Settings(given, context)
+    top_axes = _axes(spec.sweep, ("sweep",))
+    out: list[tuple[SettingsList, SettingsList]] = []
+    for i, block in enumerate(spec.grid):
+        here: tuple[str | int, ...] = ("grid", i)
+        overrides = dict(block.training or {})
+        if overrides:
+            resolver.resolve(overrides, (*here, "training"))
+        block_axes = _axes(block.sweep, (*here, "sweep"))
+        for key in block_axes:
+            if key in top_axes:
+                raise SpecFieldError(
+                    (*here, "sweep", key), f"'{key}' is swept at the top level too (sweep.{key}); sweep it in one place"
+                )
+        axes = {**top_axes, **block_axes}
+        for key in overrides:
+            if key in axes:
+                where = f"grid[{i}].sweep.{key}" if key in block_axes else f"sweep.{key}"
+                raise SpecFieldError(
+                    (*here, "training", key), f"conflicts with the axis {where}; give '{key}' in one place"
+                )
+        normalized: dict[str, list[Any]] = {}
+        for key, values in axes.items():
+            at = (*here, "sweep", key) if key in block_axes else ("sweep", key)
+            seen: dict[str, int] = {}
+            kept = []
+            for j, value in enumerate(values):
+                got = resolver.resolve({**overrides, key: value}, (*at, j), key)[key]
+                token = json.dumps(got)
+                if token in seen:
+                    raise SpecFieldError((*at, j), f"{_show(value)} is listed twice (same value as item {seen[token]})")
+                seen[token] = j
+                kept.append(value)
+            normalized[key] = kept
+        named = [k for k in TRAINING_FIELDS if k in overrides or k in normalized]
+        settings: list[tuple[str, str, dict[str, Any]]] = []
+        keys = list(normalized)
+        for combo in itertools.product(*(normalized[k] for k in keys)):
+            resolved = resolver.resolve({**overrides, **dict(zip(keys, combo))}, here)
+            settings.append((_settings.label(resolved, base, named), _settings.settings_hash(resolved), resolved))
+        out.append((settings, _without_llm(settings, base, named)))
+    return out
 
 
 # ---------------------------------------------------------------- reading YAML
@@ -795,11 +963,92 @@ def _render_loc(loc: Sequence[str | int]) -> str:
     return out
 
 
+class _Overridden:
+    """A YAML node tree plus the `--set` overrides applied on top of it: an error about a
+    value that came from the command line names the `--set`, not a line of the file."""
+
+    def __init__(self, node: Any, overrides: dict[tuple[str | int, ...], str]) -> None:
+        self.node = node
+        self.overrides = overrides
+
+    def origin(self, loc: tuple[str | int, ...]) -> str | None:
+        for at, text in self.overrides.items():
+            if loc[: len(at)] == at:
+                return text
+        return None
+
+
 def _field_message(shown: str, node: Any, loc: tuple[str | int, ...], problem: str) -> str:
     path = _render_loc(loc) or "top level"
+    if isinstance(node, _Overridden):
+        origin = node.origin(loc)
+        if origin is not None:
+            return f"{shown}: field '{path}': {problem} (from --set {origin})"
+        node = node.node
     line = _line_of(node, loc)
     where = f" (line {line})" if line is not None and loc else ""
     return f"{shown}: field '{path}': {problem}{where}"
+
+
+def _parse_override(text: str, shown: str) -> tuple[tuple[str | int, ...], Any]:
+    """'training.epochs=5' -> (('training', 'epochs'), 5); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    parts = key.strip().split(".") if key.strip() else []
+    if not sep or not parts or any(not p.strip() for p in parts):
+        raise UserInputError(
+            f"{shown}: --set {text!r}: expected FIELD=VALUE with a dotted field, e.g. training.epochs=5 "
+            "or 'sweep.lr=[1e-4,3e-4]'"
+        )
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise UserInputError(f"{shown}: --set {text!r}: the value is not valid YAML ({problem})") from None
+    return tuple(int(p) if p.isdigit() else p.strip() for p in parts), parsed
+
+
+def _apply_overrides(data: dict[str, Any], overrides: Sequence[str], shown: str) -> dict[tuple[str | int, ...], str]:
+    """Set each `--set` value into the file's data, before any validation (so they are
+    checked exactly as the file is). Two overrides of one field, or of a field and a field
+    inside it, conflict: which should win is the user's to say."""
+    placed: dict[tuple[str | int, ...], str] = {}
+    for text in overrides:
+        loc, value = _parse_override(text, shown)
+        for other, other_text in placed.items():
+            n = min(len(loc), len(other))
+            if loc[:n] == other[:n]:
+                raise UserInputError(
+                    f"{shown}: --set {text!r} conflicts with --set {other_text!r} (both set '{_render_loc(loc[:n])}'); "
+                    "give each field once"
+                )
+        node: Any = data
+        for depth, part in enumerate(loc[:-1]):
+            if isinstance(node, list):
+                if not isinstance(part, int) or part >= len(node):
+                    raise UserInputError(
+                        f"{shown}: --set {text!r}: '{_render_loc(loc[:depth])}' has no item {part} "
+                        f"(it lists {len(node)}, numbered from 0)"
+                    )
+                child = node[part]
+            else:
+                child = node.get(part)
+                if child is None:
+                    child = node[part] = {}
+            if not isinstance(child, (dict, list)):
+                raise UserInputError(
+                    f"{shown}: --set {text!r}: '{_render_loc(loc[: depth + 1])}' is {_kind(child)}, "
+                    f"so it has no field '{loc[depth + 1]}'"
+                )
+            node = child
+        last = loc[-1]
+        if isinstance(node, list):
+            if not isinstance(last, int) or last >= len(node):
+                raise UserInputError(f"{shown}: --set {text!r}: '{_render_loc(loc[:-1])}' has no item {last}")
+            node[last] = value
+        else:
+            node[last] = value
+        placed[loc] = text
+    return placed
 
 
 def _allowed_literals(expected: str) -> str:
@@ -902,12 +1151,15 @@ def load_profile(path: Path) -> dict[str, Any]:
     return values
 
 
-def load_sweep(path: str | os.PathLike[str]) -> SweepSpec:
-    """Read and check a sweep file. Every problem is one UserInputError line."""
+def load_sweep(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> SweepSpec:
+    """Read and check a sweep file, with `--set FIELD=VALUE` overrides applied on top.
+    Every problem is one UserInputError line."""
     shown = str(path)
     sweep_file = Path(path)
     text = _read_text(sweep_file, shown, "sweep file")
     node, data = _compose(text, shown)
+    if overrides and isinstance(data, dict):
+        node = _Overridden(node, _apply_overrides(data, overrides, shown))
     if data is None:
         raise UserInputError(
             f"{shown}: the file is empty; a sweep needs at least name, output_dir, datasets and grid"
@@ -926,6 +1178,7 @@ def load_sweep(path: str | os.PathLike[str]) -> SweepSpec:
         raise UserInputError(_field_message(shown, node, exc.loc, exc.message)) from None
     spec._source = shown
     spec._node = node
+    spec._overrides = list(overrides)
     return spec
 
 
@@ -985,8 +1238,10 @@ def validate_paths(spec: SweepSpec) -> dict[str, list[str]]:
     for loc, path in (("output_dir", spec.output_dir), ("cache_dir", spec.cache_dir)):
         if path is not None and path.exists() and not path.is_dir():
             raise spec.field_error((loc,), f"{path} exists and is not a folder")
-    if spec.training.deepspeed is not None and not Path(spec.training.deepspeed).is_file():
-        raise spec.field_error(("training", "deepspeed"), f"{spec.training.deepspeed} is not a file")
+    for deepspeed in sorted({str(s["deepspeed"]) for s in spec.settings_table().values() if s.get("deepspeed")}):
+        if not Path(deepspeed).is_file():
+            loc = ("training", "deepspeed") if deepspeed == spec.training.deepspeed else ("sweep", "deepspeed")
+            raise spec.field_error(loc, f"{deepspeed} is not a file")
     subjects: dict[str, list[str]] = {}
     for name in spec.used_datasets():
         ds = spec.datasets[name]
@@ -1014,16 +1269,22 @@ def check_deepspeed(spec: SweepSpec) -> str | None:
 
     The same rules run again on the node (aullm.train), so what passes here trains there;
     finding a bad config now costs seconds instead of a whole run of failed cells."""
-    if spec.training.deepspeed is None:
+    # every distinct (config, batch size, precision) the settings use: an axis may vary any of them
+    combos = sorted({(str(s["deepspeed"]), int(s["batch_size"]), str(s["precision"]))
+                     for s in spec.settings_table().values() if s.get("deepspeed")})  # fmt: skip
+    if not combos:
         return None
     from aullm.deepspeed_config import check_config, probe, read_config
 
-    path = Path(spec.training.deepspeed)
-    try:
-        ds = read_config(path)
-        check_config(ds, path=path, batch_size=spec.training.batch_size, precision=spec.training.precision,
-                     processes=spec.resources.processes_per_task)
-        return probe(ds, path=path, batch_size=spec.training.batch_size)
-    except UserInputError as exc:
-        # name the sweep file too: the config's own path alone does not say which sweep used it
-        raise UserInputError(f"{spec.source}: training.deepspeed: {exc}") from None
+    version = None
+    for deepspeed, batch_size, precision in combos:
+        path = Path(deepspeed)
+        try:
+            ds = read_config(path)
+            check_config(ds, path=path, batch_size=batch_size, precision=precision,
+                         processes=spec.resources.processes_per_task)
+            version = probe(ds, path=path, batch_size=batch_size)
+        except UserInputError as exc:
+            # name the sweep file too: the config's own path alone does not say which sweep used it
+            raise UserInputError(f"{spec.source}: training.deepspeed: {exc}") from None
+    return version
