@@ -132,6 +132,19 @@ def resolve_uri(cfg: TrackingConfig, sweep_dir: str | os.PathLike[str]) -> str:
     return "sqlite:///" + (_embedded_dir(sweep_dir) / "mlflow.db").as_posix()
 
 
+def ui_command(cfg: TrackingConfig, sweep_dir: str | os.PathLike[str], experiment_id: str | None = None) -> str:
+    """What a person runs (or opens) to see a sweep's runs: `mlflow ui` on the embedded
+    store, else the server's experiment page (credentials redacted)."""
+    import shlex
+
+    if cfg.uri is None:
+        return f"mlflow ui --backend-store-uri {shlex.quote(resolve_uri(cfg, sweep_dir))} --port 5000"
+    if cfg.uri.split(":", 1)[0].lower() in ("http", "https"):
+        page = cfg.uri.rstrip("/") + (f"/#/experiments/{experiment_id}" if experiment_id else "")
+        return f"open {redact(page)}"
+    return f"mlflow ui --backend-store-uri {shlex.quote(str(redact(cfg.uri)))} --port 5000"
+
+
 def _is_embedded(cfg: TrackingConfig) -> bool:
     return cfg.uri is None
 
