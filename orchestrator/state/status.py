@@ -447,6 +447,11 @@ def next_steps(summary: Mapping[str, Any], sweep_arg: str) -> list[str]:
     return steps
 
 
+def _epoch_text(cell: Mapping[str, Any]) -> str:
+    # no progress file yet: the task is loading its data and model
+    return f"epoch {cell['epoch']} of {cell['epochs']}" if cell.get("epochs") else "starting"
+
+
 def progress_line(summary: Mapping[str, Any]) -> str:
     """The sweep in one line (what `--watch` prints when the output is not a terminal)."""
     n, counts = summary["cells"], summary["counts"]
@@ -455,7 +460,7 @@ def progress_line(summary: Mapping[str, Any]) -> str:
     running = f"{counts.get('running', 0)} running"
     if slow:
         group, cell = min(slow, key=lambda gc: (gc[1]["epoch"] / gc[1]["epochs"]) if gc[1]["epochs"] else 0.0)
-        running += f" (slowest {group}: epoch {cell['epoch']} of {cell['epochs'] or '?'})"
+        running += f" (slowest {group}: {_epoch_text(cell)})"
     eta = summary.get("eta") or {}
     tail = "" if summary["all_done"] else f"; ETA {format_duration(eta.get('seconds'))}"
     return (f"{time.strftime('%H:%M:%S')} {counts.get('done', 0)}/{n} done, {running}, "
@@ -480,7 +485,7 @@ def status_renderable(summary: dict[str, Any], sweep_path: Path, sweep_arg: str 
     table.add_column("slowest running")
     for group, r in rows.items():
         slow = r.get("slowest")
-        where = f"epoch {slow['epoch']} of {slow['epochs'] or '?'}" if slow else ""
+        where = _epoch_text(slow) if slow else ""
         table.add_row(escape(group), *[str(r.get(k, 0) or "") for k in cols], where)
     bar = Table.grid()  # alone, a ProgressBar ends no line inside a Group
     bar.add_row(ProgressBar(total=max(n, 1), completed=counts.get("done", 0), width=50))
