@@ -147,7 +147,8 @@ def _note(group: GroupResult) -> str:
 def _artifacts_for(group: GroupResult, tables_dir: Path | None) -> list[Path]:
     if tables_dir is None or not tables_dir.is_dir():
         return []
-    wanted = ["tables.md", "groups.csv", f"f1_per_au_{group.key.data}.png", f"per_subject_{group.key.data}.png"]
+    wanted = ["tables.md", "groups.csv", f"f1_per_au_{group.key.data}.png", f"per_subject_{group.key.data}.png",
+              f"all_vs_no_llm_{group.key.data}.png"]
     if group.key.kind == "loso":
         wanted.append("ablation.png")
     return [tables_dir / w for w in wanted if (tables_dir / w).is_file()]
