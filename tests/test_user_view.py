@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,17 +59,28 @@ def _sweep_file(folder: Path, dataset: dict[str, Path], name: str = "uv", output
 
 
 @pytest.fixture
-def staged(tmp_path: Path, dataset: dict[str, Path]) -> tuple[Path, SweepDir, list[str]]:
+def supervisor() -> Iterator[subprocess.Popen[bytes]]:
+    """A live process in its own session standing in for a local supervisor (status asks
+    whether it is alive; cancel may kill its group, never this test's)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def staged(tmp_path: Path, dataset: dict[str, Path], supervisor: subprocess.Popen[bytes]) -> tuple[Path, SweepDir, list[str]]:
     """A submitted-looking sweep of 6 cells (2 groups x 3 folds), one local task per cell.
 
     all group: done (10 s), done (20 s), running at epoch 3 of 10 -- no_llm: failed,
-    running at epoch 8 of 10, pending. The "supervisor" is this test process (alive)."""
+    running at epoch 8 of 10, pending."""
     sweep_file = _sweep_file(tmp_path / "sweeps", dataset)
     spec, _subjects, cells = prepare(str(sweep_file))
     sweep = SweepDir(spec.output_dir)
     sweep.write_manifest(spec, cells, sweep_file=str(sweep_file.resolve()))
     ids = [c.cell_id for c in sorted(cells, key=lambda c: (c.variant != "all", c.fold))]
-    sweep.record_submission({"executor": "local", "batch_id": "local-1", "supervisor_pid": os.getpid(),
+    sweep.record_submission({"executor": "local", "batch_id": "local-1", "supervisor_pid": supervisor.pid,
                              "host": os.uname().nodename, "tasks": {str(i): [cid] for i, cid in enumerate(ids)},
                              "submitted_at": time.time()})  # fmt: skip
     sweep.write_result(ids[0], {"status": "done", "started_at": 100.0, "finished_at": 110.0})
@@ -76,7 +88,7 @@ def staged(tmp_path: Path, dataset: dict[str, Path]) -> tuple[Path, SweepDir, li
     sweep.write_result(ids[3], {"status": "failed", "error": "RuntimeError: boom",
                                 "finished_at": time.time() + 5})  # after the submission: its outcome
     for cid, epoch in ((ids[2], 3), (ids[4], 8)):
-        sweep.mark_running(cid, {"pid": os.getpid()})
+        sweep.mark_running(cid, {"pid": supervisor.pid})
         sweep.write_progress(cid, {"cell_id": cid, "epoch": epoch, "epochs": EPOCHS, "elapsed_s": 1.0})
     log = sweep.path / "jobs" / "local-1" / "4242" / "4242_0_log.out"
     log.parent.mkdir(parents=True)
@@ -254,28 +266,20 @@ def test_retry_says_when_cells_are_done_and_force_never_overwrites(staged, capsy
     assert (sweep.superseded_dir / f"{ids[0]}.1.json").read_text() == first
 
 
-def test_cancel_asks_on_a_terminal(staged, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    sweep_file, sweep, _ids = staged
-    supervisor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
-    try:
-        sweep.record_submission({"executor": "local", "batch_id": "local-2", "supervisor_pid": supervisor.pid,
-                                 "host": os.uname().nodename, "tasks": {}, "submitted_at": time.time()})  # fmt: skip
-        assert cli.main(["cancel", str(sweep_file), "--dry-run"]) == 0
-        assert f"would cancel 0 Slurm jobs (none) and 2 local supervisors" in capsys.readouterr().out
-        monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
-        monkeypatch.setattr("builtins.input", lambda prompt: "n")
-        # the test process is the other "supervisor": it must survive a refusal
-        assert cli.main(["cancel", str(sweep_file)]) == 1
-        assert "not cancelled" in capsys.readouterr().out and supervisor.poll() is None
-        sweep.jobs_path.write_text(json.dumps(sweep.submissions()[-1:]))  # spare this test process
-        monkeypatch.setattr("builtins.input", lambda prompt: "y")
-        assert cli.main(["cancel", str(sweep_file)]) == 0
-        assert supervisor.wait(timeout=30) != 0
-        assert "next: aullm-grid retry" in capsys.readouterr().out
-    finally:
-        if supervisor.poll() is None:
-            supervisor.kill()
-            supervisor.wait()
+def test_cancel_asks_on_a_terminal(staged, supervisor: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    sweep_file, _sweep, _ids = staged
+    assert cli.main(["cancel", str(sweep_file), "--dry-run"]) == 0
+    assert "would cancel 0 Slurm jobs (none) and 1 local supervisors" in capsys.readouterr().out
+    assert supervisor.poll() is None
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    assert cli.main(["cancel", str(sweep_file)]) == 1
+    assert "not cancelled" in capsys.readouterr().out and supervisor.poll() is None
+    monkeypatch.setattr("builtins.input", lambda prompt: "y")
+    assert cli.main(["cancel", str(sweep_file)]) == 0
+    assert supervisor.wait(timeout=30) != 0
+    assert "next: aullm-grid retry" in capsys.readouterr().out
 
 
 def test_version_and_examples_in_every_help(capsys: pytest.CaptureFixture[str]) -> None:
