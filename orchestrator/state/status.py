@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -420,12 +420,29 @@ def sweep_summary(sweep: SweepDir, *, cells: bool = False) -> dict[str, Any]:
 
 def _point_at_task_logs(sweep: SweepDir, failed: list[dict[str, Any]]) -> None:
     """A local task's cells share the supervisor's log, which holds no cell's traceback:
-    name the task log that ran the cell instead, where there is one."""
-    for f in failed:
-        if f.get("job_id") and str(f["job_id"]).startswith("local:"):
-            logs = cell_log_paths(sweep, f["cell_id"])
-            if logs:
-                f["log_path"] = str(logs[0])
+    name the task log that ran the cell instead, where there is one (each log read once)."""
+    local = {f["cell_id"]: f for f in failed if str(f.get("job_id") or "").startswith("local:")}
+    if not local:
+        return
+    batches = {str(f["job_id"]).split(":")[1] for f in local.values()}
+    for cid, path in _task_logs_naming(sweep, batches, set(local)).items():
+        local[cid]["log_path"] = str(path)
+
+
+def _task_logs_naming(sweep: SweepDir, batches: set[str], cell_ids: set[str]) -> dict[str, Path]:
+    """cell id -> the newest task log of these local batches that mentions the cell."""
+    found: dict[str, Path] = {}
+    for batch in sorted(batches):
+        logs = sorted((sweep.path / "jobs" / batch).glob("*/*_log.out"), key=lambda p: p.stat().st_mtime)
+        for log in logs:
+            try:
+                text = log.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            for cid in cell_ids:
+                if f"cell {cid} " in text:
+                    found[cid] = log
+    return found
 
 
 def next_steps(summary: Mapping[str, Any], sweep_arg: str) -> list[str]:
@@ -517,7 +534,8 @@ def render(summary: dict[str, Any], sweep_path: Path, sweep_arg: str | None = No
     Console(soft_wrap=True, highlight=False).print(status_renderable(summary, sweep_path, sweep_arg))
 
 
-def watch(sweep: SweepDir, interval: float, sweep_arg: str, *, stop_when: Any = None) -> dict[str, Any]:
+def watch(sweep: SweepDir, interval: float, sweep_arg: str, *,
+          stop_when: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:  # fmt: skip
     """Refresh the status every `interval` seconds until no cell is pending or running
     (or `stop_when(summary)`); return the last summary. On a terminal: one rich display
     redrawn in place; otherwise one plain line per refresh (no screen-control codes, so
@@ -747,15 +765,11 @@ def cell_log_paths(sweep: SweepDir, cell_id: str) -> list[Path]:
         out = Path(record.log_path)
         return [p for p in (out, out.with_name(out.name.replace("_log.out", "_log.err"))) if p.is_file()]
     batch = record.job_id.split(":")[1]
-    needle = f"cell {cell_id} ".encode()
-    found = []
-    for log in sorted((sweep.path / "jobs" / batch).glob("*/*_log.*")):
-        try:
-            if needle in log.read_bytes():
-                found.append(log)
-        except OSError:
-            continue
-    return found or ([Path(record.log_path)] if record.log_path and Path(record.log_path).is_file() else [])
+    found = _task_logs_naming(sweep, {batch}, {cell_id}).get(cell_id)
+    if found is not None:
+        err = found.with_name(found.name.replace("_log.out", "_log.err"))
+        return [found, *([err] if err.is_file() else [])]
+    return [Path(record.log_path)] if record.log_path and Path(record.log_path).is_file() else []
 
 
 def logs_main(args: Any) -> int:
