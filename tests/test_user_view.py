@@ -157,9 +157,12 @@ def test_group_progress_names_the_slowest_running_cell() -> None:
     rows = group_progress(statuses, {"a": {"epoch": 7, "epochs": 10}, "b": {"epoch": 2, "epochs": 10}})
     assert rows["G"] == {"done": 1, "running": 2, "pending": 0, "failed": 1, "not_submitted": 0,
                          "slowest": {"cell_id": "b", "epoch": 2, "epochs": 10}}  # fmt: skip
-    # a running cell without a progress file yet is the slowest, at epoch 0
+    # a running cell without a progress file (queued behind another cell of its Slurm task)
+    # is not the slowest while others have progress; alone, it is "starting"
     rows = group_progress([*statuses, _st("e", "G", "running")], {"a": {"epoch": 7, "epochs": 10}})
-    assert rows["G"]["slowest"]["cell_id"] in ("b", "e") and rows["G"]["slowest"]["epoch"] == 0
+    assert rows["G"]["slowest"] == {"cell_id": "a", "epoch": 7, "epochs": 10}
+    rows = group_progress([_st("e", "G", "running")], {})
+    assert rows["G"]["slowest"] == {"cell_id": "e", "epoch": 0, "epochs": None}
 
 
 # --------------------------------------------------------------------------- status, next steps, logs

@@ -319,8 +319,10 @@ def summarize(statuses: list[CellStatus], cost: dict[str, Any] | None = None) ->
 
 def group_progress(statuses: Sequence[CellStatus], progress: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per group: done, running, pending, failed (needs a retry) and not_submitted counts, and
-    the slowest running cell's epoch of N (from its progress file; a running cell that has
-    not written one yet is at epoch 0)."""
+    the slowest running cell's epoch of N, from the progress files. A running cell without
+    one has not reached its first epoch: on Slurm every cell of a running task counts as
+    running, also those waiting behind the cell it trains, so such cells are the slowest
+    only when no cell of the group has progress yet (shown as "starting")."""
     out: dict[str, dict[str, Any]] = {}
     for st in statuses:
         row = out.setdefault(st.group, {"done": 0, "running": 0, "pending": 0, "failed": 0, "not_submitted": 0,
@@ -331,13 +333,13 @@ def group_progress(statuses: Sequence[CellStatus], progress: Mapping[str, Mappin
             continue
         p = progress.get(st.cell_id) or {}
         epoch, epochs = _int(p.get("epoch"), 0), _int(p.get("epochs"), 0)
-        fraction = epoch / epochs if epochs else 0.0
+        rank = (0, epoch / epochs) if epochs else (1, 0.0)  # cells with progress first
         slowest = row["slowest"]
-        if slowest is None or fraction < slowest["fraction"]:
-            row["slowest"] = {"cell_id": st.cell_id, "epoch": epoch, "epochs": epochs or None, "fraction": fraction}
+        if slowest is None or rank < slowest["rank"]:
+            row["slowest"] = {"cell_id": st.cell_id, "epoch": epoch, "epochs": epochs or None, "rank": rank}
     for row in out.values():
         if row["slowest"] is not None:
-            row["slowest"].pop("fraction")
+            row["slowest"].pop("rank")
     return dict(sorted(out.items()))
 
 
