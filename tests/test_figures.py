@@ -9,8 +9,6 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pytest
 
 from aullm.metrics import PROTOCOLS
 from orchestrator.results import plots

@@ -25,7 +25,6 @@ from jobs.run_cells import ProgressReporter
 from orchestrator import cli
 from orchestrator.launch.prepare import prepare
 from orchestrator.ledger import SweepDir
-from orchestrator.state import status
 from orchestrator.state.status import CellStatus, estimate_eta, group_progress
 
 EPOCHS = 10
