@@ -27,6 +27,7 @@ import sys
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,11 +129,53 @@ def build_split(cell: Cell, datasets: DatasetCache):
     return loso_split(samples, cell.fold, DATASET_AUS[layout]), store
 
 
-def _epoch_done(logger: Any, cell_id: str, epoch: int, loss: float) -> None:
+def _epoch_done(logger: Any, cell_id: str, epoch: int, loss: float, progress: Callable[[int, float], None] | None = None) -> None:
     # One line per epoch in the task log: how far a cell got before a crash or a requeue
     # (a resumed cell's first line shows the epoch it continued from).
     print(f"aullm-grid: cell {cell_id} epoch {epoch} train_loss {loss:.4f}", flush=True)
     logger.log_epoch(epoch, {"train_loss": loss})
+    if progress is not None:
+        progress(epoch, loss)
+
+
+# A progress file is rewritten at most this often: `status` polls every few seconds, and a
+# cell of a fast GPU finishes hundreds of epochs a minute (one write each would load a
+# shared filesystem for nothing).
+PROGRESS_EVERY_S = 3.0
+
+
+class ProgressReporter:
+    """The cell's progress file (<sweep>/progress/<cell>.json): epoch of N, elapsed seconds.
+
+    Called after every epoch; writes the first epoch, the last, and otherwise at most once
+    per `min_interval_s` of `clock`. Never raises: progress is a hint for `status`, and a
+    full disk must not fail a cell that would otherwise finish.
+    """
+
+    def __init__(self, sweep: SweepDir, cell_id: str, epochs: int, *, min_interval_s: float = PROGRESS_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.sweep, self.cell_id, self.epochs = sweep, cell_id, int(epochs)
+        self.min_interval_s, self.clock = min_interval_s, clock
+        self.started_at = time.time()
+        self._t0 = clock()
+        self._last: float | None = None
+        self.writes = 0
+
+    def __call__(self, epoch: int, loss: float) -> None:
+        try:
+            now = self.clock()
+            last_epoch = epoch + 1 >= self.epochs
+            if self._last is not None and now - self._last < self.min_interval_s and not last_epoch:
+                return
+            self._last = now
+            self.sweep.write_progress(self.cell_id, {
+                "cell_id": self.cell_id, "epoch": epoch + 1, "epochs": self.epochs,
+                "elapsed_s": round(now - self._t0, 3), "train_loss": float(loss),
+                "started_at": self.started_at, "updated_at": time.time(),
+            })  # fmt: skip
+            self.writes += 1
+        except Exception:  # noqa: BLE001 - see the class docstring
+            return
 
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -276,8 +319,14 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
         if logger is not None:
             logger.start(params={**cell.params(), **cell_config.__dict__}, tags=cell.tags(manifest.get("name", "")))
         t0 = time.time()
+        progress = None
+        if main:
+            sweep.clear_progress(cell.cell_id)  # an earlier attempt's epochs are not this one's
+            progress = ProgressReporter(sweep, cell.cell_id, cell_config.epochs)
         try:
+            t_data = time.perf_counter()
             split, store = build_split(cell, datasets)
+            data_seconds = time.perf_counter() - t_data
             result = trainer.run(
                 split,
                 store,
@@ -287,7 +336,7 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
                 on_epoch=(
                     None
                     if logger is None
-                    else lambda epoch, loss, cid=cell.cell_id, log=logger: _epoch_done(log, cid, epoch, loss)
+                    else lambda epoch, loss, cid=cell.cell_id, log=logger, p=progress: _epoch_done(log, cid, epoch, loss, p)
                 ),
                 checkpoint_path=sweep.checkpoint_path(cell.cell_id),
                 should_stop=stop,
@@ -340,8 +389,13 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
             "finished_at": time.time(),
             **_run_record(logger),
         }
-        sweep.write_result(cell.cell_id, payload)
-        logger.finish("FINISHED", {"final_train_loss": result.epoch_losses[-1] if result.epoch_losses else float("nan")})
+        result_path = sweep.write_result(cell.cell_id, payload)
+        # the result file holds the cell's test predictions: in the run, beside its loss curve
+        logger.log_artifact(result_path, "predictions")
+        logger.finish("FINISHED", {
+            "final_train_loss": result.epoch_losses[-1] if result.epoch_losses else float("nan"),
+            **_timing_metrics(result.timing, data_seconds),
+        })  # fmt: skip
     return outcomes
 
 
@@ -364,6 +418,17 @@ def _cell_config(manifest: dict[str, Any], cell: Cell) -> Any:
     if config.deepspeed:
         config.deepspeed = resolve_deepspeed_config(config.deepspeed)
     return config
+
+
+def _timing_metrics(timing: dict[str, float], data_seconds: float) -> dict[str, float]:
+    """The cell's wall time split three ways, as MLflow metrics (seconds): load (its data
+    split; the LLM is loaded once per task, `time_llm_load_s`), train, predict."""
+    cell = float(timing.get("cell_seconds", 0.0))
+    predict = float(timing.get("predict_seconds", 0.0))
+    out = {"time_load_s": data_seconds, "time_train_s": max(0.0, cell - predict), "time_predict_s": predict}
+    if timing.get("llm_load_seconds") is not None:
+        out["time_llm_load_s"] = float(timing["llm_load_seconds"])
+    return out
 
 
 def _record_setup_failure(sweep: SweepDir, cells: list[Cell], exc: Exception, processes: TaskProcesses) -> None:

@@ -408,6 +408,7 @@ class SweepDir:
         path = self.result_path(cell_id)
         atomic_write_text(path, dumps_record(ordered))
         self.clear_running(cell_id)
+        self.clear_progress(cell_id)
         return path
 
     def result_exists(self, cell_id: str, status: str | None = None) -> bool:
@@ -599,6 +600,55 @@ class SweepDir:
                 found[entry.name[: -len(".json")]] = json.loads(Path(entry.path).read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue  # removed or replaced while we listed it
+        return found
+
+    @property
+    def superseded_dir(self) -> Path:
+        return self.path / "superseded"
+
+    def supersede_result(self, cell_id: str) -> Path | None:
+        """Move the cell's result aside (superseded/<cell>.<n>.json) so the cell can run
+        again as a new attempt without overwriting it; returns where it went."""
+        src = self.result_path(cell_id)
+        if not src.is_file():
+            return None
+        self.superseded_dir.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while (dst := self.superseded_dir / f"{cell_id}.{n}.json").exists():
+            n += 1
+        os.replace(src, dst)
+        self.reset_attempts([cell_id])
+        return dst
+
+    # ------------------------------------------------------------ progress
+
+    @property
+    def progress_dir(self) -> Path:
+        return self.path / "progress"
+
+    def progress_path(self, cell_id: str) -> Path:
+        return self.progress_dir / f"{_check_cell_id(cell_id)}.json"
+
+    def write_progress(self, cell_id: str, payload: dict[str, Any]) -> None:
+        """Replace the cell's progress file (epoch, epochs, elapsed): atomic, no fsync, never
+        raises. It is a hint for `status`, rewritten every few seconds; the result file is
+        the record."""
+        write_cache_json(self.progress_path(cell_id), payload)
+
+    def clear_progress(self, cell_id: str) -> None:
+        with contextlib.suppress(OSError):
+            self.progress_path(cell_id).unlink()
+
+    def read_progress(self, cell_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """cell_id -> progress of those of `cell_ids` that have a readable progress file."""
+        found: dict[str, dict[str, Any]] = {}
+        for cell_id in cell_ids:
+            try:
+                data = json.loads(self.progress_path(cell_id).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict):
+                found[cell_id] = data
         return found
 
     # ------------------------------------------------------------ attempts

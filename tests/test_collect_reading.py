@@ -101,7 +101,8 @@ def test_figures_drawn_in_workers_are_those_drawn_in_one_process(tmp_path: Path)
     alone = tmp_path / "alone"
     alone.mkdir()
     expected = sorted(p.name for p in plots.write_plots(groups, tables, alone))
-    assert len(expected) == 4 and "per_subject_samm.png" in expected and "f1_per_au_casme2.png" in expected
+    assert len(expected) == 6 and "per_subject_samm.png" in expected and "f1_per_au_casme2.png" in expected
+    assert "all_vs_no_llm_samm.png" in expected  # all and no_llm both ran
     calls: list[str] = []
     files = write_outputs(groups, tmp_path / "out", tables=tables, while_plotting=lambda: calls.append("here"))
     assert calls == ["here"]

@@ -140,7 +140,7 @@ def test_scancel_then_retry(fault_sweep: Path) -> None:
     assert list(states) == [cid] and states[cid]["state"] == "cancelled", summary
     assert summary["counts"]["done"] == CELLS - 1
     # retry re-submits that one cell only; the done ones are never redone
-    retried = run_cli("retry", fault_sweep).check()
+    retried = run_cli("retry", fault_sweep, "--json").check()
     assert json.loads(retried.stdout)["submitted"] == 1
     final = wait_all_finished(out, timeout_s=SWEEP_TIMEOUT_S)
     assert final["all_done"], final
@@ -184,7 +184,7 @@ def test_sigkill_of_task_python_then_retry(fault_sweep: Path) -> None:
     # reconciles it with the scheduler's view and marks it failed
     run_cli("collect", fault_sweep, timeout_s=300).check()
     assert _mlflow_status(out, cid) == "FAILED"
-    retried = run_cli("retry", fault_sweep, "--failed").check()
+    retried = run_cli("retry", fault_sweep, "--failed", "--json").check()
     assert json.loads(retried.stdout)["submitted"] == 1
     final = wait_all_finished(out, timeout_s=SWEEP_TIMEOUT_S)
     assert final["all_done"], final

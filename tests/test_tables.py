@@ -13,6 +13,7 @@ from orchestrator.results.plots import _outliers, per_subject_figure
 from orchestrator.results.tables import (
     Table,
     build_tables,
+    groups_csv,
     llm_label,
     load_paper_tables,
     print_terminal,
@@ -136,8 +137,9 @@ def test_incomplete_groups_render_as_incomplete_everywhere() -> None:
     (t2,) = build_tables(groups, PAPER)
     md = to_markdown(t2, groups)
     assert "samm/qwen2-1.5b/all: incomplete: sub03 (seed 1)" in md
-    line = next(x for x in md.splitlines() if x.startswith("| **AU-Qwen2-1.5B**"))
-    assert line.count("incomplete") == 5
+    # one line for the unscored group, not a column of "incomplete" in every row
+    block = [x for x in md.splitlines() if "AU-Qwen2-1.5B" in x and x.startswith("|")]
+    assert len(block) == 1 and block[0].count("incomplete") == 1, block
     rows = to_csv(t2).splitlines()
     assert rows[0].startswith("table,section,model,detail,group,llm,variant,column,status,ours_mean,ours_std")
     assert sum(",incomplete," in r for r in rows) == 5
@@ -153,6 +155,7 @@ def test_latex_is_escaped_and_balanced() -> None:
     # model, row label, 4 AUs and Avg: 7 cells, 6 separators on every row
     assert {line.replace(r"\&", "").count("&") for line in body} == {6}
     assert "$-$19.5" in tex  # a negative Δ is a minus sign, not a hyphen
+    assert r"\label{tab:table2-samm}" in tex  # so that \ref works
 
 
 def test_terminal_rendering_is_compact_and_escapes_markup() -> None:
@@ -165,6 +168,21 @@ def test_terminal_rendering_is_compact_and_escapes_markup() -> None:
     assert "incomplete samm/qwen2-1.5b/all: sub03 (seed 1)" in text
     assert "Δ" not in text  # recipe paper: no difference with the paper's figures is shown
     assert "Table 2 — SAMM" in text
+
+
+def test_one_seed_has_no_plus_minus_and_no_std_column() -> None:
+    one = group("samm", "qwen2-1.5b", "all")
+    one.seeds = (1,)
+    one.summary = {p: ProtocolSummary({a: Stat(40.0 + a, 0.0, 1) for a in one.aus}, Stat(50.0, 0.0, 1))
+                   for p in PROTOCOLS}  # fmt: skip
+    (t2,) = build_tables([one], PAPER)
+    rows = [line for line in to_markdown(t2, [one]).splitlines() if line.startswith("|")]
+    assert rows and not [r for r in rows if "±" in r] and r"\pm" not in to_latex(t2)
+    assert "_std" not in to_csv(t2).splitlines()[0] and ",std," not in groups_csv([one]).splitlines()[0]
+    two = group("samm", "qwen2-1.5b", "all")
+    (t2,) = build_tables([two], PAPER)
+    assert "±" in to_markdown(t2, [two]) and "ours_std" in to_csv(t2).splitlines()[0]
+    assert ",std," in groups_csv([two]).splitlines()[0]
 
 
 def test_outlier_subjects_are_the_lowest_and_those_below_the_whisker() -> None:

@@ -102,7 +102,7 @@ def test_prepare_store_is_idempotent_and_uses_the_template(
     assert exp.name == "grid"
     assert exp.artifact_location == (tmp_path / "s" / "mlflow" / "artifacts").resolve().as_uri()
     # the copy is a private store: nothing from the warm-up sweep is in it
-    assert [e.name for e in client.search_experiments()] == ["grid", "Default"]
+    assert [e.name for e in client.search_experiments()] == ["grid"]  # Default hidden (docs/mlflow.md)
     state = json.loads((tmp_path / "s" / "mlflow" / "tracking.json").read_text())
     assert len(state["sweep_uid"]) == 32 and list(state["experiments"].values()) == [exp_id]
     assert store.sweep_uid(tmp_path / "s") == state["sweep_uid"]
@@ -130,7 +130,7 @@ def test_logger_on_unprepared_sweep_prepares_under_the_lock(
     logger.finish("FINISHED")
     assert not logger.offline
     names = {e.name for e in _client(cfg, tmp_path / "job-first").search_experiments()}
-    assert names == {"marker", "grid", "Default"}
+    assert names == {"marker", "grid"}  # Default hidden (docs/mlflow.md)
 
 
 def test_prepare_store_unreachable_raises_tracking_unavailable(tmp_path: Path) -> None:

@@ -374,7 +374,9 @@ def submit_sweep(spec: Any, sweep: SweepDir, cells: list[Cell], *, dry_run: bool
         return {"dry_run": True, **plan.to_json()}
     preflight_datasets(spec, cells)
     with sweep.lock():
-        sweep.write_manifest(spec, cells)
+        # the sweep file, so that commands given the sweep directory can re-read it
+        source = Path(spec.source)
+        sweep.write_manifest(spec, cells, sweep_file=str(source.resolve()) if source.is_file() else None)
         plan = plan_submission(spec, sweep, cells, retry_failed=retry_failed, only=only)
         if not plan.todo:
             return {"dry_run": False, "submitted": 0, **plan.to_json()}
@@ -404,22 +406,16 @@ def _fresh_plan(spec: Any, cells: list[Cell]) -> Plan:
 # -- retry and cancel ------------------------------------------------------------------
 
 
-def sweep_file_of(arg: str) -> str:
-    """A sweep directory stands for the resolved sweep file submit wrote into it."""
-    path = Path(arg)
-    if path.is_dir() and SweepDir(path).resolved_sweep_path.is_file():
-        return str(SweepDir(path).resolved_sweep_path)
-    return arg
-
-
 def retry_main(args: Any) -> int:
-    """Re-submit failed or missing cells (or the named ones); done cells are never redone."""
+    """Re-submit failed or missing cells (or the named ones). Done cells are redone only with
+    `--force`, into a new attempt: their result is moved aside, never overwritten."""
     from orchestrator.launch.prepare import check_compatible, check_same_cells, prepare
-    from orchestrator.state.status import NEEDS_RETRY, cell_statuses
+    from orchestrator.state.status import NEEDS_RETRY, cell_statuses, sweep_file_of
 
     from aullm.errors import UserInputError
 
-    spec, _subjects, cells = prepare(sweep_file_of(args.sweep), getattr(args, "set", None) or ())
+    sweep_file = sweep_file_of(args.sweep)
+    spec, _subjects, cells = prepare(sweep_file, getattr(args, "set", None) or ())
     sweep = SweepDir(spec.output_dir)
     if not sweep.exists():
         raise UserInputError(f"{args.sweep}: not submitted yet (no manifest in {sweep.path}); use `aullm-grid submit`")
@@ -436,53 +432,117 @@ def retry_main(args: Any) -> int:
         wanted = NEEDS_RETRY if args.failed else NEEDS_RETRY | {"not_submitted"}
         only = {cid for cid, st in states.items() if st in wanted}
     done = sweep.done_cell_ids()
-    only -= done
-    result = submit_sweep(spec, sweep, cells, dry_run=bool(getattr(args, "dry_run", False)), only=only)
-    print(json.dumps({k: v for k, v in result.items() if k != "cell_ids"}, indent=2))
+    already_done = sorted(only & done)
+    force = bool(getattr(args, "force", False))
+    dry_run = bool(getattr(args, "dry_run", False))
+    if not force:
+        only -= done
+    elif already_done and not dry_run:
+        with sweep.lock():
+            for cid in already_done:
+                sweep.supersede_result(cid)
+    result = submit_sweep(spec, sweep, cells, dry_run=dry_run, only=only) if only else {
+        "dry_run": dry_run, "submitted": 0}  # fmt: skip
+    payload = {"command": "retry", "sweep": args.sweep, "sweep_dir": str(sweep.path.resolve()),
+               **{k: v for k, v in result.items() if k != "cell_ids"},
+               "retried": sorted(only), "already_done": already_done, "forced": force and bool(already_done)}  # fmt: skip
+    import shlex
+
+    arg = shlex.quote(args.sweep)
+    payload["next"] = [f"aullm-grid status {arg} --watch"] if payload.get("submitted") else []
+    if getattr(args, "json", False):
+        print(json.dumps(payload, indent=2, default=str))
+        return 0
+    verb = "would resubmit" if dry_run else "resubmitted"
+    print(f"aullm-grid: {verb} {len(only)} cell{'s' if len(only) != 1 else ''} of {sweep.path}"
+          + (f" in {result.get('tasks', '?')} tasks" if only else ""))  # fmt: skip
+    if already_done and not force:
+        shown = ", ".join(already_done[:5]) + (" ..." if len(already_done) > 5 else "")
+        print(f"  already done, not resubmitted: {shown}; add --force to run them again as a new attempt "
+              "(the present result is kept aside, not overwritten)")  # fmt: skip
+    elif already_done:
+        what = "would be moved" if dry_run else "moved"
+        print(f"  {len(already_done)} done cells run again; their results {what} to {sweep.superseded_dir}")
+    if not only:
+        print("  nothing to resubmit")
+    for step in payload["next"]:
+        print(f"next: {step}")
     return 0
 
 
 def cancel_main(args: Any) -> int:
-    """Cancel every live job of the sweep: scancel its arrays and collector, stop local supervisors."""
+    """Cancel every live job of the sweep: scancel its arrays and collector, stop local
+    supervisors. On a terminal it asks first (`--yes` does not); `--dry-run` only lists."""
     import signal
 
-    from orchestrator.sweep.spec import load_sweep
-    from orchestrator.state.status import pid_alive
+    from orchestrator.state.status import pid_alive, resolve_sweep
 
-    spec = load_sweep(args.sweep)
-    sweep = SweepDir(spec.output_dir)
-    slurm_ids, stopped = [], 0
+    sweep = resolve_sweep(args.sweep)
+    slurm_ids: list[str] = []
+    local_pids: list[int] = []
     for sub in sweep.submissions():
         if sub.get("executor") == "slurm":
-            slurm_ids += [x for x in (sub.get("array_job_id"), sub.get("collector_job_id")) if x]
+            slurm_ids += [str(x) for x in (sub.get("array_job_id"), sub.get("collector_job_id")) if x]
         elif sub.get("executor") == "local" and pid_alive(int(sub["supervisor_pid"])):
-            try:  # the supervisor leads its own session: its tasks go with it
-                os.killpg(int(sub["supervisor_pid"]), signal.SIGTERM)
-                stopped += 1
-            except ProcessLookupError:
-                pass
+            local_pids.append(int(sub["supervisor_pid"]))
+    payload: dict[str, Any] = {"command": "cancel", "sweep": args.sweep, "sweep_dir": str(sweep.path.resolve()),
+                               "slurm_jobs": slurm_ids, "local_supervisors": local_pids,
+                               "dry_run": bool(args.dry_run), "cancelled": False}  # fmt: skip
+    what = f"{len(slurm_ids)} Slurm jobs ({', '.join(slurm_ids) or 'none'}) and {len(local_pids)} local supervisors"
+    if args.dry_run or not (slurm_ids or local_pids):
+        if args.json:
+            print(json.dumps(payload, indent=2))
+        else:
+            print(f"{'would cancel' if args.dry_run else 'nothing to cancel:'} {what} of {sweep.path}")
+        return 0
+    if not args.yes and sys.stdin.isatty():
+        answer = input(f"cancel {what} of {sweep.path}? Finished results stay. [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not cancelled")
+            return 1
+    stopped = 0
+    for pid in local_pids:
+        try:  # the supervisor leads its own session: its tasks go with it
+            os.killpg(pid, signal.SIGTERM)
+            stopped += 1
+        except ProcessLookupError:
+            pass
     if slurm_ids:
         from orchestrator.state.scheduler import cancel
 
         cancel(slurm_ids)
+    payload["cancelled"] = True
+    if args.json:
+        print(json.dumps(payload, indent=2))
+        return 0
+    import shlex
+
     print(f"cancelled {len(slurm_ids)} Slurm jobs and {stopped} local supervisors of {sweep.path}")
+    print(f"next: aullm-grid retry {shlex.quote(args.sweep)}   (runs the cells that did not finish)")
     return 0
 
 
+def sweep_settled(sweep: SweepDir, summary: dict[str, Any]) -> bool:
+    """No cell pending or running, and no local supervisor still at work (it runs the
+    collector after its last task): what `submit --wait` waits for."""
+    from orchestrator.state.status import pid_alive
+
+    counts = summary["counts"]
+    if counts["pending"] or counts["running"]:
+        return False
+    return not any(
+        sub.get("executor") == "local" and pid_alive(int(sub["supervisor_pid"])) for sub in sweep.submissions()
+    )
+
+
 def wait_for_sweep(sweep: SweepDir, *, poll_s: float = 3.0, timeout_s: float | None = None) -> dict[str, Any]:
-    """Block until no cell is pending or running (for `submit --wait` and the demo)."""
-    from orchestrator.state.status import cell_statuses, pid_alive, summarize
+    """Block until no cell is pending or running and the local supervisors are gone."""
+    from orchestrator.state.status import cell_statuses, summarize
 
     t0 = time.time()
     while True:
         summary = summarize(cell_statuses(sweep))
-        counts = summary["counts"]
-        if counts["pending"] == 0 and counts["running"] == 0:
-            # a local supervisor runs the collector after its last task: let it finish
-            for sub in sweep.submissions():
-                if sub.get("executor") == "local":
-                    while pid_alive(int(sub["supervisor_pid"])):
-                        time.sleep(0.5)
+        if sweep_settled(sweep, summary):
             return summary
         if timeout_s is not None and time.time() - t0 > timeout_s:
             return summary

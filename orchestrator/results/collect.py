@@ -387,6 +387,7 @@ class CollectReport:
     groups: list[GroupResult]
     files: list[Path]
     tracking: str  # one line: what happened in MLflow
+    mlflow_ui: str | None = None  # the command (or URL) that shows these runs
 
 
 def _resolve_sweep_dir(arg: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Path:
@@ -532,6 +533,7 @@ def collect_sweep(
     plots: bool = True,
     console: Any = None,
     overrides: Sequence[str] = (),
+    quiet: bool = False,
 ) -> CollectReport:
     """Collect a sweep directory: tables and plots into `out` (default
     ``<sweep>/results_tables``), printed to the terminal, and MLflow parent runs."""
@@ -554,11 +556,12 @@ def collect_sweep(
     built = tbl.build_tables(groups, tbl.load_paper_tables())
 
     def while_plotting() -> None:
-        tbl.print_terminal(groups, console=console, title=title, tables=built)
+        if not quiet:
+            tbl.print_terminal(groups, console=console, title=title, tables=built)
         from orchestrator.results import settings_table as stbl
 
         rows = stbl.settings_rows(groups)
-        if rows:  # plain Markdown: the settings table has no paper rows to style
+        if rows and not quiet:  # plain Markdown: the settings table has no paper rows to style
             if console is not None:
                 console.print(stbl.to_markdown(rows), markup=False, highlight=False)
             else:
@@ -572,14 +575,32 @@ def collect_sweep(
     tracking_note = (
         _tracking(sweep, sweep_dir, groups, out_dir, results, built, title) if track else "MLflow skipped (--no-mlflow)"
     )
-    report = CollectReport(sweep_dir, out_dir, groups, files, tracking_note)
+    report = CollectReport(sweep_dir, out_dir, groups, files, tracking_note, _ui_command(sweep, sweep_dir) if track else None)
     n_done = sum(g.complete for g in groups)
     line = f"{n_done}/{len(groups)} groups complete; tables and plots in {out_dir}; {tracking_note}"
+    if quiet:
+        return report
     if console is not None:
         console.print(line, markup=False, highlight=False)
     else:
         print(line)
     return report
+
+
+def _ui_command(sweep: Any, sweep_dir: Path) -> str | None:
+    """`mlflow ui ...` or the server's experiment page for this sweep; None if unknown."""
+    from orchestrator.results.summary_runs import as_tracking_config
+    from orchestrator.tracking.config import ui_command
+
+    try:
+        state = json.loads((sweep_dir / "mlflow" / "tracking.json").read_text(encoding="utf-8"))
+        exp_id = next(iter((state.get("experiments") or {}).values()), None)
+    except (OSError, ValueError, AttributeError):
+        exp_id = None
+    try:
+        return ui_command(as_tracking_config(sweep.tracking_config()), sweep_dir, exp_id)
+    except Exception:  # noqa: BLE001 - a hint only: collect's record is on disk
+        return None
 
 
 def collect_job(sweep_dir: str, out: str | None = None) -> dict[str, Any]:
@@ -596,14 +617,35 @@ def collect_job(sweep_dir: str, out: str | None = None) -> dict[str, Any]:
 
 
 def collect_main(args: Any) -> int:
-    """`aullm-grid collect SWEEP [--out DIR]`; also what the dependent Slurm job runs."""
-    collect_sweep(
+    """`aullm-grid collect SWEEP [--out DIR] [--json]`; also what the dependent Slurm job runs."""
+    as_json = bool(getattr(args, "json", False))
+    report = collect_sweep(
         args.sweep,
         getattr(args, "out", None),
         track=not getattr(args, "no_mlflow", False),
         plots=not getattr(args, "no_plots", False),
         overrides=getattr(args, "set", None) or (),
+        quiet=as_json,
     )
+    steps = [f"tables: {report.out_dir / 'tables.md'} (each table also as .csv and .tex, with the figures, in {report.out_dir})"]
+    if report.mlflow_ui:
+        steps.append(f"runs: {report.mlflow_ui}")
+    incomplete = [g.key.id for g in report.groups if not g.complete]
+    if incomplete:
+        import shlex
+
+        steps.append(f"{len(incomplete)} groups incomplete: aullm-grid status {shlex.quote(str(args.sweep))}")
+    if as_json:
+        print(json.dumps({
+            "command": "collect", "sweep": str(args.sweep), "sweep_dir": str(report.sweep_dir.resolve()),
+            "out_dir": str(report.out_dir), "groups": len(report.groups),
+            "complete": sum(g.complete for g in report.groups), "incomplete": incomplete,
+            "files": [str(f) for f in report.files], "tracking": report.tracking, "mlflow_ui": report.mlflow_ui,
+            "next": steps,
+        }, indent=2))  # fmt: skip
+        return 0
+    for step in steps:
+        print(f"next: {step}")
     return 0
 
 

@@ -5,6 +5,8 @@
 - ``ablation.png``: the paper's Fig. 2 as grouped bars: average F1 per variant, one bar
   per LLM, the paper's Table 3 figure as a black tick on each bar.
 - ``settings_<field>.png``: headline F1 against each field the sweep varies (axes).
+- ``all_vs_no_llm_<data>.png``: per AU, each LLM's full model beside the no-LLM baseline
+  (only when both ran to completion).
 - ``per_subject_<data>.png``: a strip of per-subject F1 for each group, so subjects that
   drag a pooled score down stand out (the lowest, and any below the box-plot whisker,
   are named).
@@ -16,22 +18,23 @@ disagree about which paper figure belongs to which model.
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from aullm.metrics import HEADLINE_PROTOCOL
 
-from orchestrator.results.types import GroupResult
 from orchestrator.results.settings_table import SettingsRow
+from orchestrator.results.types import GroupResult, Stat
 from orchestrator.results.tables import BASELINE_VARIANT, COMPAT, Block, Section, Table, group_label
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["write_plots", "per_au_figure", "ablation_figure", "per_subject_figure"]
+__all__ = ["write_plots", "per_au_figure", "ablation_figure", "per_subject_figure", "llm_vs_baseline_figure"]
 
 DPI = 110
 OURS_COLOR = "#1f77b4"
@@ -49,6 +52,30 @@ def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
+
+
+def _error_bars(stats: Sequence[Stat | None]) -> dict[str, Any]:
+    """`bar` keywords for the ± std whiskers: only bars over two seeds or more get one; with
+    one seed there is no spread, and a cap on a zero-length whisker reads as a measured one."""
+    if not any(s is not None and s.n > 1 for s in stats):
+        return {}
+    return {"yerr": [s.std if s is not None and s.n > 1 else np.nan for s in stats], "capsize": 2}
+
+
+def _mark_zeros(ax: Any, xs: Sequence[float], values: Sequence[float], width: float) -> None:
+    """A bar of height 0.0 is invisible: draw a short dark line on the axis and a "0" above
+    it, so a measured zero cannot be mistaken for a missing bar."""
+    for x, v in zip(xs, values):
+        if v is not None and np.isfinite(v) and v == 0.0:
+            ax.plot([x - width / 2, x + width / 2], [0.0, 0.0], color="black", lw=2.5, solid_capstyle="butt",
+                    clip_on=False, zorder=4)  # fmt: skip
+            ax.text(x, 1.0, "0", ha="center", va="bottom", fontsize=6)
+
+
+def _text_inches(text: str, fontsize: float) -> float:
+    """A generous width of `text` in inches (DejaVu Sans averages ~0.6 em a character):
+    margins are sized from the labels so nothing is clipped, without a layout engine."""
+    return 0.62 * fontsize / 72 * len(text)
 
 
 def _safe_name(text: str) -> str:
@@ -77,25 +104,32 @@ def per_au_figure(table: Table, section: Section) -> Figure | None:
     n = len(blocks)
     ncols = min(n, 2)
     nrows = (n + ncols - 1) // ncols
-    height = 3.0 * nrows + 1.0
-    fig = _figure(max(6.0, 0.6 * len(cols) * ncols + 1.5), height)
+    width_in = max(6.0, 0.6 * len(cols) * ncols + 1.5)
+    # a long table title wraps rather than runs off the canvas; each extra line takes room
+    title = textwrap.wrap(table.title + (f" — {section.title}" if section.title else ""),
+                          max(20, int((width_in - 0.3) / _text_inches("x", 10))))  # fmt: skip
+    extra = 0.18 * (len(title) - 1)
+    height = 3.0 * nrows + 1.0 + extra
+    fig = _figure(width_in, height)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     # Fixed margins rather than a layout engine: constrained layout doubles the drawing
-    # time, and the room needed for titles and the shared legend is known in inches.
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.45 / height, top=1 - 0.95 / height, hspace=0.6, wspace=0.18)
+    # time, and the room needed for titles, y labels and the shared legend is known in inches.
+    fig.subplots_adjust(left=0.65 / width_in, right=1 - 0.12 / width_in, bottom=0.45 / height,
+                        top=1 - (0.95 + extra) / height, hspace=0.6, wspace=0.75 / (width_in / ncols))  # fmt: skip
     x = np.arange(len(cols))
     width = 0.27
     for ax, block in zip(axes, blocks):
         ours = [block.entries[c].ours for c in cols]
         compat = [block.entries[c].compat for c in cols]
         paper = [block.entries[c].paper for c in cols]
-        ax.bar(x - width, [s.mean if s else np.nan for s in ours], width,
-               yerr=[s.std if s and s.n > 1 else 0.0 for s in ours], capsize=2,
-               color=OURS_COLOR, label=f"ours ({HEADLINE_PROTOCOL})")  # fmt: skip
-        ax.bar(x, [s.mean if s else np.nan for s in compat], width, color=COMPAT_COLOR, hatch="//",
-               edgecolor="white", label=f"ours ({COMPAT}, leaky)")  # fmt: skip
-        ax.bar(x + width, [np.nan if p is None else p for p in paper], width, color=PAPER_COLOR,
-               label="paper")
+        ours_v = [s.mean if s else np.nan for s in ours]
+        compat_v = [s.mean if s else np.nan for s in compat]
+        paper_v = [np.nan if p is None else p for p in paper]
+        ax.bar(x - width, ours_v, width, color=OURS_COLOR, label=f"ours ({HEADLINE_PROTOCOL})", **_error_bars(ours))
+        ax.bar(x, compat_v, width, color=COMPAT_COLOR, hatch="//", edgecolor="white", label=f"ours ({COMPAT}, leaky)")
+        ax.bar(x + width, paper_v, width, color=PAPER_COLOR, label="paper")
+        for offset, values in ((-width, ours_v), (0.0, compat_v), (width, paper_v)):
+            _mark_zeros(ax, x + offset, values, width)
         ax.set_xticks(x, cols)
         ax.set_ylim(0, 100)
         ax.set_ylabel("F1 (%)")
@@ -107,8 +141,8 @@ def per_au_figure(table: Table, section: Section) -> Figure | None:
         ax.set_visible(False)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, ["ours: " + HEADLINE_PROTOCOL, f"ours: {COMPAT} (leaky)", "paper"], loc="upper center",
-               ncols=3, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1 - 0.3 / height))  # fmt: skip
-    fig.suptitle(table.title + (f" — {section.title}" if section.title else ""), fontsize=10, y=1 - 0.05 / height)
+               ncols=3, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1 - (0.3 + extra) / height))  # fmt: skip
+    fig.suptitle("\n".join(title), fontsize=10, y=1 - 0.05 / height)
     return fig
 
 
@@ -118,9 +152,14 @@ def ablation_figure(table: Table) -> Figure | None:
     if not sections:
         return None
     height = 3.2 * len(sections) + 0.8
-    fig = _figure(max(7.0, 1.3 * max(len(s.blocks) for s in sections) + 3.5), height)
+    # the legend sits right of the axes: as wide as its longest LLM name
+    legend_in = 0.55 + max(_text_inches(str(c), 7) for s in sections for c in [*s.columns, "paper"])
+    axes_in = max(4.5, 1.3 * max(len(s.blocks) for s in sections) + 1.0)
+    width_in = 0.75 + axes_in + legend_in
+    fig = _figure(width_in, height)
     axes = np.atleast_1d(fig.subplots(len(sections), 1, squeeze=False)).ravel()
-    fig.subplots_adjust(left=0.08, right=0.74, bottom=0.45 / height, top=1 - 0.6 / height, hspace=0.45)
+    fig.subplots_adjust(left=0.75 / width_in, right=(0.75 + axes_in) / width_in, bottom=0.45 / height,
+                        top=1 - 0.6 / height, hspace=0.45)  # fmt: skip
     cmap = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
     for ax, section in zip(axes, sections):
         blocks: list[Block] = section.blocks
@@ -130,9 +169,9 @@ def ablation_figure(table: Table) -> Figure | None:
         for j, col in enumerate(section.columns):
             pos = x - 0.4 + width * (j + 0.5)
             stats = [b.entries[col].ours for b in blocks]
-            ax.bar(pos, [s.mean if s else np.nan for s in stats], width * 0.95,
-                   yerr=[s.std if s and s.n > 1 else 0.0 for s in stats], capsize=2,
-                   color=cmap[j % len(cmap)], label=col)  # fmt: skip
+            values = [s.mean if s else np.nan for s in stats]
+            ax.bar(pos, values, width * 0.95, color=cmap[j % len(cmap)], label=col, **_error_bars(stats))
+            _mark_zeros(ax, pos, values, width * 0.95)
             papers = [b.entries[col].paper for b in blocks]
             has = [i for i, p in enumerate(papers) if p is not None]
             if has:
@@ -166,9 +205,13 @@ def per_subject_figure(groups: Sequence[GroupResult], data: str) -> Figure | Non
     if not gs:
         return None
     height = 0.45 * len(gs) + 1.4
-    fig = _figure(9.0, height)
+    # sized to its content: the y labels' room from the longest group label, then the plot
+    left_in = 0.25 + max(_text_inches(group_label(g), 7) for g in gs)
+    width_in = left_in + 6.6
+    fig = _figure(width_in, height)
     ax = fig.subplots()
-    fig.subplots_adjust(left=0.33, right=0.98, bottom=0.75 / height, top=1 - 0.45 / height)
+    fig.subplots_adjust(left=left_in / width_in, right=1 - 0.15 / width_in, bottom=0.75 / height,
+                        top=1 - 0.45 / height)  # fmt: skip
     rng = np.random.default_rng(0)  # fixed jitter: the same sweep draws the same picture
     for i, g in enumerate(gs):
         subjects = list(g.per_subject)
@@ -181,9 +224,48 @@ def per_subject_figure(groups: Sequence[GroupResult], data: str) -> Figure | Non
             ax.annotate(subjects[j], (vals[j], i), xytext=(2, 6), textcoords="offset points", fontsize=6, color="#d62728")
     ax.set_yticks(range(len(gs)), [group_label(g) for g in gs], fontsize=7)
     ax.set_xlim(-2, 102)
-    ax.set_xlabel("per-subject F1 (%) at 0.5, all AU decisions of the subject pooled (mean over seeds)")
-    ax.set_title(f"{data}: F1 per test subject (dots) and the group's pooled average F1 (bar)", fontsize=10)
+    ax.set_xlabel("per-subject F1 (%) at 0.5, the subject's AU decisions pooled (mean over seeds)", fontsize=9)
+    ax.set_title(f"{data}: F1 per test subject (dots), pooled average F1 (bar)", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def llm_vs_baseline_figure(groups: Sequence[GroupResult], data: str) -> Figure | None:
+    """Per AU (and the average), each LLM's full model (`all`) beside the no-LLM baseline
+    on the same data: what the LLM adds. None unless both ran to completion."""
+    done = [g for g in groups if g.complete and g.key.data == data and HEADLINE_PROTOCOL in g.summary]
+    base = [g for g in done if g.key.variant == BASELINE_VARIANT]
+    full = sorted((g for g in done if g.key.variant == "all"), key=lambda g: g.key.llm or "")
+    if not base or not full:
+        return None
+    shown = [*full, base[0]]
+    summaries = [g.summary[HEADLINE_PROTOCOL] for g in shown]
+    aus = sorted({a for s in summaries for a in s.per_au})
+    cols = [f"AU{a}" for a in aus] + ["Avg"]
+    labels = [group_label(g) for g in shown]
+    legend_in = 0.55 + max(_text_inches(lab, 7) for lab in labels)
+    axes_in = max(4.5, 0.55 * len(cols) * len(shown) / 2 + 1.5)
+    width_in, height = 0.75 + axes_in + legend_in, 3.6
+    fig = _figure(width_in, height)
+    ax = fig.subplots()
+    fig.subplots_adjust(left=0.75 / width_in, right=(0.75 + axes_in) / width_in, bottom=0.5 / height,
+                        top=1 - 0.45 / height)  # fmt: skip
+    x = np.arange(len(cols))
+    width = 0.8 / len(shown)
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    for j, (g, summ) in enumerate(zip(shown, summaries)):
+        stats = [summ.per_au.get(a) for a in aus] + [summ.average]
+        values = [s.mean if s else np.nan for s in stats]
+        pos = x - 0.4 + width * (j + 0.5)
+        color = PAPER_COLOR if g.key.variant == BASELINE_VARIANT else colors[j % len(colors)]
+        ax.bar(pos, values, width * 0.95, color=color, label=labels[j], **_error_bars(stats))
+        _mark_zeros(ax, pos, values, width * 0.95)
+    ax.set_xticks(x, cols)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("F1 (%)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(f"{data}: full model (all) against the no-LLM baseline, {HEADLINE_PROTOCOL}", fontsize=10)
     return fig
 
 
@@ -207,6 +289,7 @@ def write_plots(groups: Sequence[GroupResult], tables: Sequence[Table], out_dir:
                 save(per_au_figure(table, section), f"f1_per_au_{_safe_name(_section_data(section))}.png")
     for data in sorted({g.key.data for g in groups}):
         save(per_subject_figure(groups, data), f"per_subject_{_safe_name(data)}.png")
+        save(llm_vs_baseline_figure(groups, data), f"all_vs_no_llm_{_safe_name(data)}.png")
     return written
 
 

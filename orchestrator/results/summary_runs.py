@@ -90,7 +90,7 @@ def _au_key(column: str) -> str:
 def group_metrics(group: GroupResult, paper: Mapping[str, float] | None = None) -> dict[str, float]:
     """The parent run's metrics, F1 in percent, for a complete group (empty otherwise).
 
-    Headline keys are unprefixed (``f1_avg``, ``f1_AU12``, ``*_std``) so they sort first
+    Headline keys are unprefixed (``f1_avg``, ``f1_AU12``, ``*_std`` with two seeds or more) so they sort first
     in the UI; the other protocols are prefixed (``paper_compatible.f1_avg``), and the
     paper's figures, where the tables have one, are ``paper.f1_*``. '@' is not allowed in
     MLflow keys, hence no protocol name in the headline keys.
@@ -98,13 +98,16 @@ def group_metrics(group: GroupResult, paper: Mapping[str, float] | None = None) 
     if not group.complete:
         return {}
     out: dict[str, float] = {}
+    # a std over one seed is no spread at all: a 0.0 beside the mean would read as a measured one
+    with_std = len(group.seeds) >= 2
     for proto in PROTOCOLS:
         summ = group.summary[proto]
         prefix = "" if proto == HEADLINE_PROTOCOL else f"{proto}."
         items: list[tuple[str, Stat]] = [(f"AU{a}", s) for a, s in summ.per_au.items()] + [("Avg", summ.average)]
         for col, s in items:
             out[f"{prefix}f1_{_au_key(col)}"] = s.mean
-            out[f"{prefix}f1_{_au_key(col)}_std"] = s.std
+            if with_std:
+                out[f"{prefix}f1_{_au_key(col)}_std"] = s.std
     for col, value in (paper or {}).items():
         out[f"paper.f1_{_au_key(col)}"] = float(value)
     out["n_seeds"] = float(len(group.seeds))
@@ -163,7 +166,8 @@ def _settings_tags(group: GroupResult) -> dict[str, str]:
 def _artifacts_for(group: GroupResult, tables_dir: Path | None) -> list[Path]:
     if tables_dir is None or not tables_dir.is_dir():
         return []
-    wanted = ["tables.md", "groups.csv", f"f1_per_au_{group.key.data}.png", f"per_subject_{group.key.data}.png"]
+    wanted = ["tables.md", "groups.csv", f"f1_per_au_{group.key.data}.png", f"per_subject_{group.key.data}.png",
+              f"all_vs_no_llm_{group.key.data}.png"]
     if group.key.kind == "loso":
         wanted.append("ablation.png")
     return [tables_dir / w for w in wanted if (tables_dir / w).is_file()]

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,39 +317,249 @@ def summarize(statuses: list[CellStatus], cost: dict[str, Any] | None = None) ->
     return summary
 
 
-def sweep_summary(sweep: SweepDir) -> dict[str, Any]:
-    """One status refresh: `summarize` of every cell, with the cost report."""
+def group_progress(statuses: Sequence[CellStatus], progress: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per group: done, running, pending, failed (needs a retry) and not_submitted counts, and
+    the slowest running cell's epoch of N, from the progress files. A running cell without
+    one has not reached its first epoch: on Slurm every cell of a running task counts as
+    running, also those waiting behind the cell it trains, so such cells are the slowest
+    only when no cell of the group has progress yet (shown as "starting")."""
+    out: dict[str, dict[str, Any]] = {}
+    for st in statuses:
+        row = out.setdefault(st.group, {"done": 0, "running": 0, "pending": 0, "failed": 0, "not_submitted": 0,
+                                        "slowest": None})  # fmt: skip
+        kind = "failed" if st.state in NEEDS_RETRY else st.state
+        row[kind] = row.get(kind, 0) + 1
+        if st.state != "running":
+            continue
+        p = progress.get(st.cell_id) or {}
+        epoch, epochs = _int(p.get("epoch"), 0), _int(p.get("epochs"), 0)
+        rank = (0, epoch / epochs) if epochs else (1, 0.0)  # cells with progress first
+        slowest = row["slowest"]
+        if slowest is None or rank < slowest["rank"]:
+            row["slowest"] = {"cell_id": st.cell_id, "epoch": epoch, "epochs": epochs or None, "rank": rank}
+    for row in out.values():
+        if row["slowest"] is not None:
+            row["slowest"].pop("rank")
+    return dict(sorted(out.items()))
+
+
+def _int(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def estimate_eta(
+    statuses: Sequence[CellStatus],
+    results: Mapping[str, Mapping[str, Any]],
+    progress: Mapping[str, Mapping[str, Any]],
+) -> dict[str, Any]:
+    """Wall-clock time until every pending and running cell is done.
+
+    Each cell still to run costs the mean measured time of its group's done cells (the
+    sweep's mean where its group has none yet); a running cell costs the part of it that its
+    progress file says is left (epoch e of N: (1 - e/N) of the mean). The sum is shared by
+    the tasks running now (distinct jobs of the running cells, at least one): tasks run
+    their cells one after the other, and side by side with each other. Failed and never
+    submitted cells wait for the user and are not counted. `seconds` is None while no
+    cell has finished to measure."""
+    by_group: dict[str, list[float]] = defaultdict(list)
+    for st in statuses:
+        if st.state == "done" and (seconds := measured_seconds(results.get(st.cell_id) or {})) is not None:
+            by_group[st.group].append(seconds)
+    all_times = [t for ts in by_group.values() for t in ts]
+    sweep_mean = sum(all_times) / len(all_times) if all_times else None
+    left_s, cells_left, unknown = 0.0, 0, False
+    tasks = {st.job_id or st.cell_id for st in statuses if st.state == "running"}
+    for st in statuses:
+        if st.state not in ("running", "pending"):
+            continue
+        cells_left += 1
+        times = by_group.get(st.group)
+        mean = sum(times) / len(times) if times else sweep_mean
+        if mean is None:
+            unknown = True
+            continue
+        share = 1.0
+        if st.state == "running":
+            p = progress.get(st.cell_id) or {}
+            epoch, epochs = _int(p.get("epoch"), 0), _int(p.get("epochs"), 0)
+            share = max(0.0, 1.0 - epoch / epochs) if epochs else 1.0
+        left_s += mean * share
+    parallel = max(1, len(tasks))
+    seconds = None if (unknown or (cells_left and sweep_mean is None)) else left_s / parallel
+    return {"seconds": round(seconds, 1) if seconds is not None else None, "parallel_tasks": parallel,
+            "cells_left": cells_left, "mean_cell_seconds": round(sweep_mean, 2) if sweep_mean is not None else None}  # fmt: skip
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown (no cell finished yet)"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, sec = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {sec:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def sweep_summary(sweep: SweepDir, *, cells: bool = False) -> dict[str, Any]:
+    """One status refresh: `summarize` of every cell, with the cost report, per-group
+    progress and the ETA; `cells`: every cell's state too (``status --json``)."""
     statuses, results = _statuses_and_results(sweep, update_index=True)
-    return summarize(statuses, cost_report(statuses, results, sweep.cell_index().resources))
+    summary = summarize(statuses, cost_report(statuses, results, sweep.cell_index().resources))
+    progress = sweep.read_progress(st.cell_id for st in statuses if st.state == "running")
+    summary["group_progress"] = group_progress(statuses, progress)
+    summary["eta"] = estimate_eta(statuses, results, progress)
+    _point_at_task_logs(sweep, summary["failed"][:50])
+    if cells:
+        summary["cell_states"] = [
+            {**vars(st), **{k: progress[st.cell_id].get(k) for k in ("epoch", "epochs", "elapsed_s")}}
+            if st.cell_id in progress else dict(vars(st)) for st in statuses
+        ]  # fmt: skip
+    return summary
 
 
-def render(summary: dict[str, Any], sweep_path: Path) -> None:
-    from rich.console import Console
+def _point_at_task_logs(sweep: SweepDir, failed: list[dict[str, Any]]) -> None:
+    """A local task's cells share the supervisor's log, which holds no cell's traceback:
+    name the task log that ran the cell instead, where there is one (each log read once)."""
+    local = {f["cell_id"]: f for f in failed if str(f.get("job_id") or "").startswith("local:")}
+    if not local:
+        return
+    batches = {str(f["job_id"]).split(":")[1] for f in local.values()}
+    for cid, path in _task_logs_naming(sweep, batches, set(local)).items():
+        local[cid]["log_path"] = str(path)
+
+
+def _task_logs_naming(sweep: SweepDir, batches: set[str], cell_ids: set[str]) -> dict[str, Path]:
+    """cell id -> the newest task log of these local batches that mentions the cell."""
+    found: dict[str, Path] = {}
+    for batch in sorted(batches):
+        logs = sorted((sweep.path / "jobs" / batch).glob("*/*_log.out"), key=lambda p: p.stat().st_mtime)
+        for log in logs:
+            try:
+                text = log.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            for cid in cell_ids:
+                if f"cell {cid} " in text:
+                    found[cid] = log
+    return found
+
+
+def next_steps(summary: Mapping[str, Any], sweep_arg: str) -> list[str]:
+    """The commands worth running next, given where the sweep stands."""
+    import shlex
+
+    arg = shlex.quote(str(sweep_arg))
+    counts = summary["counts"]
+    steps = []
+    if summary["failed"]:
+        steps.append(f"aullm-grid retry {arg} --failed")
+        steps += [f"aullm-grid logs {arg} {f['cell_id']}" for f in summary["failed"][:3]]
+    if counts.get("running") or counts.get("pending"):
+        steps.append(f"aullm-grid status {arg} --watch")
+    elif summary["all_done"]:
+        steps.append(f"aullm-grid collect {arg}")
+    elif counts.get("not_submitted"):
+        steps.append(f"aullm-grid submit {arg}")
+    return steps
+
+
+def _epoch_text(cell: Mapping[str, Any]) -> str:
+    # no progress file yet: the task is loading its data and model
+    return f"epoch {cell['epoch']} of {cell['epochs']}" if cell.get("epochs") else "starting"
+
+
+def progress_line(summary: Mapping[str, Any]) -> str:
+    """The sweep in one line (what `--watch` prints when the output is not a terminal)."""
+    n, counts = summary["cells"], summary["counts"]
+    failed = sum(counts.get(k, 0) for k in NEEDS_RETRY)
+    slow = [(g, r["slowest"]) for g, r in summary.get("group_progress", {}).items() if r.get("slowest")]
+    running = f"{counts.get('running', 0)} running"
+    if slow:
+        group, cell = min(slow, key=lambda gc: (gc[1]["epoch"] / gc[1]["epochs"]) if gc[1]["epochs"] else 0.0)
+        running += f" (slowest {group}: {_epoch_text(cell)})"
+    eta = summary.get("eta") or {}
+    tail = "" if summary["all_done"] else f"; ETA {format_duration(eta.get('seconds'))}"
+    return (f"{time.strftime('%H:%M:%S')} {counts.get('done', 0)}/{n} done, {running}, "
+            f"{counts.get('pending', 0)} pending, {failed} failed{tail}")  # fmt: skip
+
+
+def status_renderable(summary: dict[str, Any], sweep_path: Path, sweep_arg: str | None = None) -> Any:
+    """The status as one rich renderable (printed once, or refreshed by `--watch`)."""
+    from rich.console import Group
     from rich.markup import escape
     from rich.progress_bar import ProgressBar
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console()
     n, counts = summary["cells"], summary["counts"]
     table = Table(title=f"{sweep_path}", title_justify="left")
-    table.add_column("group (dataset/llm/variant/seed)")
+    table.add_column("group (dataset/llm/variant)")
+    rows = summary.get("group_progress") or {}
+    cols = ["done", "running", "pending", "failed"] + (["not_submitted"] if counts.get("not_submitted") else [])
+    for k in cols:
+        table.add_column(k.replace("_", " "), justify="right")
+    table.add_column("slowest running")
+    for group, r in rows.items():
+        slow = r.get("slowest")
+        where = _epoch_text(slow) if slow else ""
+        table.add_row(escape(group), *[str(r.get(k, 0) or "") for k in cols], where)
+    bar = Table.grid()  # alone, a ProgressBar ends no line inside a Group
+    bar.add_row(ProgressBar(total=max(n, 1), completed=counts.get("done", 0), width=50))
+    parts: list[Any] = [table, bar]
     shown = [k for k in CELL_STATES if counts.get(k)]
-    for k in shown:
-        table.add_column(k, justify="right")
-    for group, c in summary["groups"].items():
-        table.add_row(group, *[str(c.get(k, "")) for k in shown])
-    console.print(table)
-    console.print(ProgressBar(total=max(n, 1), completed=counts.get("done", 0), width=50))
-    console.print(" ".join(f"{k}={counts[k]}" for k in shown) + f"  ({counts.get('done', 0)}/{n} done)")
+    eta = summary.get("eta") or {}
+    line = " ".join(f"{k}={counts[k]}" for k in shown) + f"  ({counts.get('done', 0)}/{n} done)"
+    if not summary["all_done"] and eta.get("cells_left"):
+        line += (f"; ETA {format_duration(eta.get('seconds'))} ({eta['cells_left']} cells left, "
+                 f"{eta['parallel_tasks']} task{'s' if eta['parallel_tasks'] != 1 else ''} running)")  # fmt: skip
+    parts.append(Text(line))
     if summary.get("cost"):
-        console.print(cost_line(summary["cost"]), markup=False, highlight=False, soft_wrap=True)
+        parts.append(Text(cost_line(summary["cost"])))
     for f in summary["failed"][:50]:
         # one line per cell whatever the terminal's width, and the reason verbatim: DeepSpeed's
         # and pydantic's messages hold [brackets] that rich would take for markup
-        console.print(f"[red]{f['state']}[/red] {f['cell_id']}: {escape(str(f['reason']))}  log: {f['log_path']}",
-                      soft_wrap=True, highlight=False)
+        parts.append(Text.assemble((f["state"], "red"), f" {f['cell_id']}: {f['reason']}  log: {f['log_path']}"))
     if len(summary["failed"]) > 50:
-        console.print(f"... and {len(summary['failed']) - 50} more (use --json)")
+        parts.append(Text(f"... and {len(summary['failed']) - 50} more (use --json)"))
+    if sweep_arg is not None:
+        parts += [Text(f"next: {step}") for step in next_steps(summary, sweep_arg)]
+    return Group(*parts)
+
+
+def render(summary: dict[str, Any], sweep_path: Path, sweep_arg: str | None = None) -> None:
+    from rich.console import Console
+
+    # soft wrap: a failed cell's reason and log path stay on one line, whatever the width
+    Console(soft_wrap=True, highlight=False).print(status_renderable(summary, sweep_path, sweep_arg))
+
+
+def watch(sweep: SweepDir, interval: float, sweep_arg: str, *,
+          stop_when: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Refresh the status every `interval` seconds until no cell is pending or running
+    (or `stop_when(summary)`); return the last summary. On a terminal: one rich display
+    redrawn in place; otherwise one plain line per refresh (no screen-control codes, so
+    a log file or a pipe reads well)."""
+    done = stop_when or (lambda sm: not (sm["counts"].get("running") or sm["counts"].get("pending")))
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.live import Live
+
+        summary = sweep_summary(sweep)
+        with Live(status_renderable(summary, sweep.path), console=Console(), auto_refresh=False) as live:
+            while not done(summary):
+                time.sleep(interval)
+                summary = sweep_summary(sweep)
+                live.update(status_renderable(summary, sweep.path), refresh=True)
+        return summary
+    while True:
+        summary = sweep_summary(sweep)
+        print(progress_line(summary), flush=True)
+        if done(summary):
+            return summary
+        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------- sweep file -> directory
@@ -458,18 +668,56 @@ def locate_sweep(sweep_file: str) -> SweepDir:
     return sweep
 
 
-def _submitted_sweeps_here() -> list[str]:
-    """Without a SWEEP argument: every sweeps/*.yaml of this folder that was submitted."""
+def resolve_sweep(sweep_arg: str) -> SweepDir:
+    """SWEEP as every command takes it: a sweep file, or the sweep directory it names."""
     from aullm.errors import UserInputError
 
-    found = []
+    path = Path(sweep_arg)
+    if path.is_dir():
+        sweep = SweepDir(path)
+        if not sweep.has_manifest():
+            raise UserInputError(f"{sweep_arg}: not a sweep directory (no manifest.json); give the sweep file "
+                                 "or the output_dir of a submitted sweep")  # fmt: skip
+        return sweep
+    if not path.exists():
+        raise UserInputError(f"{sweep_arg}: no such sweep file or sweep directory")
+    return locate_sweep(sweep_arg)
+
+
+def sweep_file_of(sweep_arg: str) -> str:
+    """The sweep file behind SWEEP: itself, or the one a sweep directory was submitted from
+    (recorded in its manifest), for the commands that re-read the file (submit, retry)."""
+    from aullm.errors import UserInputError
+
+    path = Path(sweep_arg)
+    if not path.is_dir():
+        return sweep_arg
+    sweep = resolve_sweep(sweep_arg)
+    # the snapshot submit wrote (the file with its --set overrides applied) over the file it
+    # came from: re-reading the bare file would drop the overrides and fail the settings check
+    if sweep.resolved_sweep_path.is_file():
+        return str(sweep.resolved_sweep_path)
+    recorded = sweep.read_manifest().get("sweep_file")
+    if not recorded or not Path(recorded).is_file():
+        raise UserInputError(f"{sweep_arg}: its manifest names no sweep file that still exists "
+                             f"({recorded or 'none recorded'}); give the sweep file instead")  # fmt: skip
+    return str(recorded)
+
+
+def _submitted_sweeps_here() -> list[tuple[str, SweepDir]]:
+    """Without a SWEEP argument: the sweeps submitted from ./sweeps/*.yaml, each once (two
+    files naming one output_dir are one sweep: the first file names it)."""
+    from aullm.errors import UserInputError
+
+    found: dict[Path, tuple[str, SweepDir]] = {}
     for path in sorted(Path("sweeps").glob("*.yaml")):
         try:
-            if locate_sweep(str(path)).has_manifest():
-                found.append(str(path))
+            sweep = locate_sweep(str(path))
         except UserInputError:
             continue
-    return found
+        if sweep.has_manifest():
+            found.setdefault(sweep.path.resolve(), (str(path), sweep))
+    return list(found.values())
 
 
 def status_main(args: Any) -> int:
@@ -479,27 +727,77 @@ def status_main(args: Any) -> int:
         sweeps = _submitted_sweeps_here()
         if not sweeps:
             raise UserInputError("no SWEEP given and no submitted sweep under ./sweeps; name a sweep file")
-        code = 0
-        for path in sweeps:
-            args.sweep = path
-            code = max(code, status_main(args))
-        return code
-    sweep = locate_sweep(args.sweep)
+        if args.json:
+            payload = [_status_payload(arg, sweep) for arg, sweep in sweeps]
+            print(json.dumps({"command": "status", "sweeps": payload}, indent=2))
+            return 0
+        for arg, sweep in sweeps:
+            render(sweep_summary(sweep), sweep.path, arg)
+        return 0
+    sweep = resolve_sweep(args.sweep)
     if not sweep.has_manifest():
         raise UserInputError(f"{args.sweep}: not submitted yet (no manifest in {sweep.path})")
     interval = getattr(args, "watch", None)
-    while True:
-        try:
-            summary = sweep_summary(sweep)
-        except SchedulerError as exc:
-            print(f"aullm-grid: error: cannot ask the scheduler: {exc}", file=sys.stderr)
-            return 1
+    try:
         if args.json:
-            print(json.dumps(summary, indent=2))
-        else:
-            if interval:
-                print("\033[2J\033[H", end="")
-            render(summary, sweep.path)
-        if not interval or summary["all_done"]:
+            print(json.dumps(_status_payload(args.sweep, sweep), indent=2))
             return 0
-        time.sleep(float(interval))
+        if interval:
+            watch(sweep, float(interval), args.sweep)
+        render(sweep_summary(sweep), sweep.path, args.sweep)
+    except SchedulerError as exc:
+        print(f"aullm-grid: error: cannot ask the scheduler: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _status_payload(sweep_arg: str, sweep: SweepDir) -> dict[str, Any]:
+    summary = sweep_summary(sweep, cells=True)
+    return {"command": "status", "sweep": sweep_arg, "sweep_dir": str(sweep.path.resolve()), **summary,
+            "next": next_steps(summary, sweep_arg)}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def cell_log_paths(sweep: SweepDir, cell_id: str) -> list[Path]:
+    """The log files of the newest task that ran (or runs) `cell_id`: a Slurm task's
+    stdout and stderr; for the local executor, the task log that mentions the cell."""
+    records = [r for r in task_records(sweep) if cell_id in r.cell_ids]
+    if not records:
+        return []
+    record = max(records, key=lambda r: r.submitted_at)
+    if record.executor == "slurm" and record.log_path:
+        out = Path(record.log_path)
+        return [p for p in (out, out.with_name(out.name.replace("_log.out", "_log.err"))) if p.is_file()]
+    batch = record.job_id.split(":")[1]
+    found = _task_logs_naming(sweep, {batch}, {cell_id}).get(cell_id)
+    if found is not None:
+        err = found.with_name(found.name.replace("_log.out", "_log.err"))
+        return [found, *([err] if err.is_file() else [])]
+    return [Path(record.log_path)] if record.log_path and Path(record.log_path).is_file() else []
+
+
+def logs_main(args: Any) -> int:
+    """`aullm-grid logs SWEEP CELL [--lines N | --all]`: print a cell's task log."""
+    from aullm.errors import UserInputError
+
+    sweep = resolve_sweep(args.sweep)
+    if args.cell not in set(sweep.cell_index().cell_ids):
+        raise UserInputError(f"{args.sweep}: no cell '{args.cell}' in this sweep (see `aullm-grid status {args.sweep} --json`)")
+    paths = cell_log_paths(sweep, args.cell)
+    texts = {}
+    for path in paths:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        texts[str(path)] = lines if args.all else lines[-args.lines :]
+    if args.json:
+        print(json.dumps({"command": "logs", "sweep": args.sweep, "sweep_dir": str(sweep.path.resolve()),
+                          "cell_id": args.cell, "logs": texts}, indent=2))  # fmt: skip
+        return 0
+    if not paths:
+        print(f"no log yet for {args.cell} (not started?); see `aullm-grid status {args.sweep}`")
+        return 0
+    for path, lines in texts.items():
+        print(f"==> {path} <==")
+        print("\n".join(lines))
+    return 0

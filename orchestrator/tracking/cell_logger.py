@@ -129,6 +129,14 @@ class CellRunLogger:
             return
         self._call(self._flush_online, "log metrics")
 
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """Upload one file to the run (the cell's predictions). Skipped while offline: the
+        file stays in the sweep directory, which is the record; MLflow's copy is a convenience."""
+        if self.offline or self.run_id is None:
+            return
+        run_id = self.run_id
+        self._call(lambda: self._client().log_artifact(run_id, str(path), artifact_path), "log artifact")
+
     def finish(
         self,
         status: RunStatus = "FINISHED",

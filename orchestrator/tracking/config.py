@@ -132,19 +132,67 @@ def resolve_uri(cfg: TrackingConfig, sweep_dir: str | os.PathLike[str]) -> str:
     return "sqlite:///" + (_embedded_dir(sweep_dir) / "mlflow.db").as_posix()
 
 
+def ui_command(cfg: TrackingConfig, sweep_dir: str | os.PathLike[str], experiment_id: str | None = None) -> str:
+    """What a person runs (or opens) to see a sweep's runs: `mlflow ui` on the embedded
+    store, else the server's experiment page (credentials redacted)."""
+    import shlex
+
+    if cfg.uri is None:
+        return f"mlflow ui --backend-store-uri {shlex.quote(resolve_uri(cfg, sweep_dir))} --port 5000"
+    if cfg.uri.split(":", 1)[0].lower() in ("http", "https"):
+        page = cfg.uri.rstrip("/") + (f"/#/experiments/{experiment_id}" if experiment_id else "")
+        return f"open {redact(page)}"
+    return f"mlflow ui --backend-store-uri {shlex.quote(str(redact(cfg.uri)))} --port 5000"
+
+
 def _is_embedded(cfg: TrackingConfig) -> bool:
     return cfg.uri is None
 
 
 # --------------------------------------------------------------------------- redaction
 
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIAL", re.IGNORECASE)
-# Mapping keys are judged more strictly than env var names: "keyframes" is a fine param name.
-_SECRET_FIELD = re.compile(
-    r"(^|[_.\-])(api_?key|access_?key|private_?key|secret|token|password|passwd|credentials?)"
-    r"($|[_.\-])",
-    re.IGNORECASE,
-)
+# Credentials only: a name is a secret by the words it is made of, not by a substring, so
+# training settings such as `token_position`, `max_tokens` or `tokenizer_path` stay visible
+# (MLflow once showed every cell's `token_position` as ***), and so does the value of
+# TOKENIZERS_PARALLELISM, which would otherwise be scrubbed from every param it appears in.
+_WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
+# a word that makes any name a credential
+_SECRET_WORDS = frozenset({
+    "password", "passwd", "passphrase", "pwd", "secret", "secrets", "credential", "credentials",
+    "apikey", "accesskey", "secretkey", "privatekey", "authorization", "bearer", "jwt", "cookie",
+})  # fmt: skip
+# "<word> key" is a credential after these words (api_key, AWS_ACCESS_KEY, ssh_private_key),
+# not after others (sort_key, cache_key, keyframes)
+_KEY_QUALIFIERS = frozenset({"api", "access", "private", "secret", "client", "signing", "encryption", "ssh", "auth", "license", "master", "account"})
+# "<word> token" is a credential after these (HF_TOKEN, MLFLOW_TRACKING_TOKEN, access_token),
+# and "token" alone is one; pad_token, visual_token, token_position are not
+_TOKEN_QUALIFIERS = frozenset({
+    "hf", "hub", "huggingface", "auth", "oauth", "access", "refresh", "bearer", "api", "session", "id",
+    "github", "gh", "gitlab", "slack", "wandb", "tracking", "personal", "security", "csrf", "pat", "slurm",
+    "login", "user", "service", "bot", "secret", "private",
+})  # fmt: skip
+
+
+def _words(name: str) -> list[str]:
+    return [w.lower() for w in _WORD_SPLIT.split(name) if w]
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a field or environment variable named `name` holds a credential (an API key,
+    a password, an authentication token) whose value must never be written anywhere."""
+    words = _words(name)
+    if not words:
+        return False
+    if any(w in _SECRET_WORDS for w in words):
+        return True
+    for before, word in zip([""] + words, words):
+        if word == "key" and before in _KEY_QUALIFIERS:
+            return True
+        if word == "token" and (before in _TOKEN_QUALIFIERS or len(words) == 1):
+            return True
+    return False
+
+
 _URL_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^/\s:@]+:)[^@/\s]+@")
 # A secret shorter than this is not a secret worth the damage: replacing every "1" in every
 # param because SOME_KEY=1 is set would corrupt the record.
@@ -153,16 +201,16 @@ _MIN_SECRET_LEN = 4
 
 def _secret_values() -> list[str]:
     values = {
-        v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= _MIN_SECRET_LEN
+        v for k, v in os.environ.items() if is_secret_name(k) and len(v) >= _MIN_SECRET_LEN
     }
     return sorted(values, key=len, reverse=True)  # longest first: no partial leftovers
 
 
 def redact(value: Any) -> Any:
-    """Replace secrets with ``***``: values of env vars named like a secret (``*TOKEN*``,
-    ``*SECRET*``, ``*PASSWORD*``, ``*KEY*``, ``*CREDENTIAL*``, incl. ``MLFLOW_TRACKING_*``)
-    wherever they occur, passwords in ``scheme://user:pass@host`` URLs, and the values of
-    mapping keys such as ``api_key``, ``hf_token``, ``db.password``. Strings and (nested) mappings,
+    """Replace credentials with ``***``: values of env vars whose name `is_secret_name`
+    (``HF_TOKEN``, ``MLFLOW_TRACKING_PASSWORD``, ``WANDB_API_KEY``) wherever they occur,
+    passwords in ``scheme://user:pass@host`` URLs, and the values of mapping keys that
+    `is_secret_name` (``api_key``, ``hf_token``, ``db.password``); nothing else. Strings and (nested) mappings,
     lists and tuples are handled; other values pass through unchanged."""
     return _redact(value, _secret_values())
 
@@ -175,7 +223,7 @@ def _redact(value: Any, secrets: list[str]) -> Any:
     if isinstance(value, Mapping):
         out: dict[Any, Any] = {}
         for k, v in value.items():
-            secret_key = isinstance(k, str) and _SECRET_FIELD.search(k) is not None
+            secret_key = isinstance(k, str) and is_secret_name(k)
             out[k] = "***" if secret_key and v not in (None, "") else _redact(v, secrets)
         return out
     if isinstance(value, (list, tuple)):

@@ -5,6 +5,7 @@ be reached; the caller decides whether that matters.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -148,9 +149,29 @@ def _prepare_locked(cfg: TrackingConfig, sweep_dir: str | os.PathLike[str]) -> s
         # Creating the client runs the schema migration of a fresh sqlite store (unless the
         # template above put a migrated one in place).
         exp_id = _get_or_create_experiment(_client(resolve_uri(cfg, sweep_dir)), cfg, sweep_dir)
+        if _is_embedded(cfg) and cfg.experiment != "Default":
+            _hide_default_experiment(_embedded_dir(sweep_dir))
         state.setdefault("experiments", {})[key] = exp_id
         _write_state(sweep_dir, state)
         return exp_id
+
+
+def _hide_default_experiment(embedded: Path) -> None:
+    """MLflow creates a `Default` experiment in every new sqlite store, its artifacts under
+    ./mlruns of whichever directory the store was first opened from. Nothing of ours logs
+    there: mark it deleted and point it into the sweep, so the UI shows the sweep's
+    experiment alone and nothing refers to a stranger's working directory. Best effort."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(embedded / "mlflow.db", timeout=30)) as db, db:
+            db.execute(
+                "UPDATE experiments SET lifecycle_stage = 'deleted', artifact_location = ? "
+                "WHERE experiment_id = 0 AND name = 'Default'",
+                ((embedded / "artifacts" / "0").as_uri(),),
+            )
+    except sqlite3.Error as exc:
+        log.debug("Default experiment of %s left as it is: %s", embedded, exc)
 
 
 def _cache_dir() -> Path:
