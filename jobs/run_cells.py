@@ -284,7 +284,7 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
     host = socket.gethostname()
 
     concurrent = int(manifest["spec"].get("resources", {}).get("concurrent_cells") or 1)
-    if concurrent > 1 and not processes.distributed and not config.deepspeed:
+    if concurrent > 1 and trainer.llm is not None and not processes.distributed and not config.deepspeed:
         cells = _run_concurrent(sweep, manifest, cells, config, trainer, datasets, tracking, stop, outcomes, concurrent,
                                 processes)
         if any(o == "preempted" for o in outcomes.values()):
@@ -383,6 +383,8 @@ def _run_concurrent(sweep: SweepDir, manifest: dict, cells: list[Cell], config: 
     groups = [g for g in groups_of(able, k, key=lambda c: c.variant) if len(g) > 1]
     grouped = {c.cell_id for g in groups for c in g}
     rest = [c for c in cells if c.cell_id not in grouped]
+    if not groups:
+        return rest
     conc = ConcurrentTrainer(trainer)
     host = socket.gethostname()
     for group in groups:
