@@ -174,3 +174,18 @@ def test_a_failing_cell_leaves_the_others_alone(data, trainers, alone) -> None:
 def test_groups_share_a_variant_and_hold_at_most_k() -> None:
     items = ["a1", "b1", "a2", "a3", "b2"]
     assert groups_of(items, 2, key=lambda s: s[0]) == [["a1", "a2"], ["a3"], ["b1", "b2"]]
+
+
+def test_concurrent_cells_knob_is_validated() -> None:
+    """Default 1; 0 and a combination with data-parallel processes are refused, each with
+    its own reason (the CLI turns them into one line and exit 2)."""
+    from pydantic import ValidationError
+
+    from orchestrator.sweep.spec import ResourcesSpec
+
+    assert ResourcesSpec().concurrent_cells == 1
+    assert ResourcesSpec(concurrent_cells=4).concurrent_cells == 4
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        ResourcesSpec(concurrent_cells=0)
+    with pytest.raises(ValidationError, match="concurrent cells train in one process"):
+        ResourcesSpec(concurrent_cells=2, processes_per_task=2, executor="local")
