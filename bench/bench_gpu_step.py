@@ -23,6 +23,7 @@ predict bit-identical probabilities.
 
     python bench/bench_gpu_step.py --device cuda                # the real thing
     python bench/bench_gpu_step.py --device cpu --shape tiny    # smoke test of the script
+    python bench/bench_gpu_step.py --device cuda --modes bf16 --concurrent 1 2 4 8   # K cells a step
 """
 
 from __future__ import annotations
@@ -198,6 +199,88 @@ def run_mode(mode: str, model_dir: Path, args: argparse.Namespace) -> ModeResult
     )
 
 
+def run_concurrent(k: int, model_dir: Path, args: argparse.Namespace) -> ModeResult:
+    """K cells in one step (aullm/concurrent.py): K batches of `args.batch` clips, the frozen
+    LLM once over all K x batch sequences with per-sample LoRA, K visual paths, K Adams;
+    bf16 autocast, base weights bf16. The FLOPs, tokens and samples are the K cells' total."""
+    import types
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from aullm.concurrent import ConcurrentTrainer, _adapter
+    from aullm.loss import AsymmetricLoss
+    from aullm.model.au_llm import AULLM
+    from aullm.model.llm import LoraSettings, load_base_llm
+
+    device = torch.device(args.device)
+    llm = load_base_llm(model_dir, dtype=torch.bfloat16, lora=LoraSettings(), device=device)
+    conc = ConcurrentTrainer.__new__(ConcurrentTrainer)  # the forward only: no CellTrainer around it
+    conc.llm, conc.device = llm, device
+    conc.trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(autocast=lambda: torch.autocast(
+        device.type, dtype=torch.bfloat16)))  # fmt: skip
+    conc._lora_layers = [m for _, m in llm.lora_layers()]
+    states, optimizers = [], []
+    for i in range(k):
+        llm.reset_adapters(i)
+        model = AULLM("all", 8, llm, dropout=0.3, token_position="prepend").to(device)
+        lora = [(torch.nn.Parameter(_adapter(m, "A").detach().clone()), torch.nn.Parameter(_adapter(m, "B").detach().clone()))
+                for m in conc._lora_layers]  # fmt: skip
+        own = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("llm.")]
+        optimizers.append(torch.optim.Adam(own + [p for ab in lora for p in ab], lr=3e-5, weight_decay=0.005, fused=True))
+        generator = torch.Generator(device=device).manual_seed(i)
+        states.append(types.SimpleNamespace(model=model, generator=generator, lora=lora))
+    generator = torch.Generator().manual_seed(0)
+    xs = [(torch.rand(args.batch, 6, 64, 64, generator=generator) * 255).to(device) for _ in range(k)]
+    ys = [(torch.rand(args.batch, 8, generator=generator) < 0.2).float().to(device) for _ in range(k)]
+    loss_fn = AsymmetricLoss()
+
+    def step() -> None:
+        for s in states:
+            s.model.train()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = conc.forward(states, xs)
+            loss = torch.stack([loss_fn(lg.float(), y) for lg, y in zip(logits, ys)]).sum()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    seconds = (time.perf_counter() - t0) / args.steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    achieved = flops / seconds / 1e12
+    peak_tf = peak_tflops(args.device, "bf16", args.peak_tflops)
+    tokens = k * args.batch * (1 + states[0].model.prompt_embeds.shape[1] + states[0].model.prompt_prefix.shape[1])
+    print(f"  bf16 x{k} concurrent: {seconds:.3f} s/step, {tokens / seconds:,.0f} tokens/s, "
+          f"{seconds * PAPER_EPOCHS / k:.1f} s of training per cell", flush=True)
+    del states, optimizers, llm, conc
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return ModeResult(
+        mode=f"bf16 x{k} cells", step_seconds=seconds, cell_train_seconds=seconds * PAPER_EPOCHS / k,
+        samples_per_second=k * args.batch / seconds, peak_memory_gib=peak, tflops_per_step=flops / 1e12,
+        achieved_tflops=achieved, mfu=achieved / peak_tf if peak_tf else None,
+    )  # fmt: skip
+
+
 def check_determinism(model_dir: Path, work: Path, epochs: int) -> tuple[bool, float]:
     """Two fresh trainers run the same short cell (`all`, the paper recipe: bf16 on a GPU,
     deterministic kernels) through `CellTrainer.run`; (bit-identical?, largest |diff|)."""
@@ -231,6 +314,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--determinism-epochs", type=int, default=5,
                         help="epochs of the short cell trained twice to check bit-identical predictions (0: skip)")
+    parser.add_argument("--concurrent", type=int, nargs="*", default=[],
+                        help="also K concurrent cells per step (aullm/concurrent.py), e.g. --concurrent 1 2 4 8")
     args = parser.parse_args()
 
     import torch
@@ -251,6 +336,12 @@ def main() -> None:
                                           error=f"{type(exc).__name__}: {exc}"[:300]))
             r = results[-1]
             print(f"  {mode:14s} done" + (f" ({r.error})" if r.error else ""), flush=True)
+        for k in args.concurrent:
+            try:
+                results.append(run_concurrent(k, model_dir, args))
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory at a large K: show the rest
+                results.append(ModeResult(f"bf16 x{k} cells", *([float("nan")] * 3), None, *([float("nan")] * 2),
+                                          None, error=f"{type(exc).__name__}: {exc}"[:300]))  # fmt: skip
         deterministic = None
         if args.determinism_epochs > 0:
             deterministic = check_determinism(model_dir, work, args.determinism_epochs)

@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections import Counter
@@ -127,6 +128,24 @@ def build_split(cell: Cell, datasets: DatasetCache):
     samples, store = datasets.get(cell.dataset)
     layout = datasets.sweep.dataset_config(cell.dataset)["layout"]
     return loso_split(samples, cell.fold, DATASET_AUS[layout]), store
+
+
+class _BackgroundLogger:
+    """A cell's `CellRunLogger`, started on a thread: opening the MLflow run imports mlflow
+    (4-5 s on a busy 2-core node, a third of a task's start) and calls the store, none of
+    which the first training step needs. The import runs while the task loads the LLM and
+    the data and trains (torch releases the GIL in its kernels); the first use of the
+    logger (an epoch's metrics, `finish`, `run_id`) waits for the start to be done. Both
+    sides never raise (CellRunLogger's promise), so the thread has nothing to report."""
+
+    def __init__(self, logger: Any, **start: Any) -> None:
+        self._logger = logger
+        self._thread = threading.Thread(target=logger.start, kwargs=start, name="mlflow-start", daemon=True)
+        self._thread.start()
+
+    def __getattr__(self, name: str) -> Any:
+        self._thread.join()
+        return getattr(self._logger, name)
 
 
 def _epoch_done(logger: Any, cell_id: str, epoch: int, loss: float, progress: Callable[[int, float], None] | None = None) -> None:
@@ -308,6 +327,13 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
     outcomes = report.outcomes
     host = socket.gethostname()
 
+    concurrent = int(manifest["spec"].get("resources", {}).get("concurrent_cells") or 1)
+    if concurrent > 1 and trainer.llm is not None and not processes.distributed and not config.deepspeed:
+        cells = _run_concurrent(sweep, manifest, cells, configs, trainer, datasets, tracking, stop, outcomes, concurrent,
+                                processes)
+        if any(o == "preempted" for o in outcomes.values()):
+            return outcomes  # the stopped cells saved their checkpoints; the rest waits for the requeue
+
     for cell in cells:
         claim = processes.share(_claim(sweep, cell, processes) if main else None)
         if isinstance(claim, str):
@@ -315,9 +341,11 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
             continue
         attempts = claim
         cell_config = configs[cell.cell_id]
-        logger = CellRunLogger(tracking, sweep.path, cell.cell_id) if main else None
-        if logger is not None:
-            logger.start(params={**cell.params(), **cell_config.__dict__}, tags=cell.tags(manifest.get("name", "")))
+        logger = (
+            _BackgroundLogger(CellRunLogger(tracking, sweep.path, cell.cell_id),
+                              params={**cell.params(), **cell_config.__dict__}, tags=cell.tags(manifest.get("name", "")))
+            if main else None
+        )  # fmt: skip
         t0 = time.time()
         progress = None
         if main:
@@ -429,6 +457,97 @@ def _timing_metrics(timing: dict[str, float], data_seconds: float) -> dict[str, 
     if timing.get("llm_load_seconds") is not None:
         out["time_llm_load_s"] = float(timing["llm_load_seconds"])
     return out
+
+
+def _run_concurrent(sweep: SweepDir, manifest: dict, cells: list[Cell], configs: dict[str, Any], trainer: Any,
+                    datasets: DatasetCache, tracking: Any, stop: _StopFlag, outcomes: dict[str, str],
+                    k: int, processes: TaskProcesses) -> list[Cell]:  # fmt: skip
+    """Train the task's cells in concurrent loops of up to `k` cells of one variant
+    (aullm/concurrent.py). Each cell keeps its own claim, MLflow run, checkpoint and result,
+    written the moment it ends. Returns the cells left for the one-by-one loop: those
+    that cannot share a loop (no LLM, late-fusion prompt learning) and groups of one."""
+    from aullm.concurrent import ConcurrentCell, ConcurrentTrainer, can_run_concurrently, groups_of
+    from aullm.train import Preempted
+    from orchestrator.tracking.cell_logger import CellRunLogger
+
+    able = [c for c in cells if can_run_concurrently(c.variant, configs[c.cell_id])]
+    # one loop trains one variant under one setting (axes): the loop has one TrainConfig
+    groups = [g for g in groups_of(able, k, key=lambda c: (c.variant, c.settings_hash)) if len(g) > 1]
+    grouped = {c.cell_id for g in groups for c in g}
+    rest = [c for c in cells if c.cell_id not in grouped]
+    if not groups:
+        return rest
+    conc = ConcurrentTrainer(trainer)
+    host = socket.gethostname()
+    for group in groups:
+        config = configs[group[0].cell_id]
+        members: list[ConcurrentCell] = []
+        started: dict[str, tuple[Cell, int, Any, float]] = {}
+        for cell in group:
+            claim = _claim(sweep, cell, processes)
+            if isinstance(claim, str):
+                outcomes[cell.cell_id] = claim
+                continue
+            logger = _BackgroundLogger(CellRunLogger(tracking, sweep.path, cell.cell_id),
+                                       params={**cell.params(), **config.__dict__, "concurrent_cells": k},
+                                       tags=cell.tags(manifest.get("name", "")))  # fmt: skip
+            t0 = time.time()
+            try:
+                split, store = build_split(cell, datasets)
+            except Exception as exc:  # noqa: BLE001 - this cell's failure only
+                _write_failed(sweep, cell, claim, host, logger, exc, traceback.format_exc())
+                outcomes[cell.cell_id] = "failed"
+                continue
+            started[cell.cell_id] = (cell, claim, logger, t0)
+            sweep.clear_progress(cell.cell_id)  # an earlier attempt's epochs are not this one's
+            progress = ProgressReporter(sweep, cell.cell_id, config.epochs)
+            members.append(ConcurrentCell(
+                key=cell.cell_id, split=split, store=store, variant=cell.variant, seed=cell.seed,
+                on_epoch=lambda epoch, loss, cid=cell.cell_id, log=logger, p=progress: _epoch_done(log, cid, epoch, loss, p),
+                checkpoint_path=sweep.checkpoint_path(cell.cell_id),
+            ))  # fmt: skip
+
+        def on_done(member: ConcurrentCell, outcome: Any) -> None:
+            cell, attempts, logger, t0 = started[member.key]
+            if isinstance(outcome, BaseException):
+                tb = "".join(traceback.format_exception(outcome))[-4000:]
+                _write_failed(sweep, cell, attempts, host, logger, outcome, tb)
+                outcomes[cell.cell_id] = "failed"
+                return
+            payload = {
+                "cell_id": cell.cell_id, "status": "done", "recipe": config.recipe,
+                "settings_hash": cell.settings_hash, **outcome.to_payload(),
+                "attempt": attempts, "host": host, "slurm": slurm_ids(), "world_size": 1,
+                "concurrent_cells": len(started), "started_at": t0, "finished_at": time.time(), **_run_record(logger),
+            }  # fmt: skip
+            logger.log_artifact(sweep.write_result(cell.cell_id, payload), "predictions")
+            final = outcome.epoch_losses[-1] if outcome.epoch_losses else float("nan")
+            logger.finish("FINISHED", {"final_train_loss": final})
+            outcomes[cell.cell_id] = "done"
+
+        if not members:
+            continue
+        try:
+            conc.run(members, config, on_done=on_done, should_stop=stop)
+        except Preempted:
+            for cid, (_cell, _attempts, logger, _t0) in started.items():
+                if cid not in outcomes:
+                    outcomes[cid] = "preempted"
+                    logger.finish("KILLED", None, end_reason="preempted")
+            if stop.signal == signal.SIGUSR2:
+                _requeue_self()
+            return []
+    return rest
+
+
+def _write_failed(sweep: SweepDir, cell: Cell, attempts: int, host: str, logger: Any, exc: BaseException,
+                  tb: str) -> None:  # fmt: skip
+    error = _one_line(f"{type(exc).__name__}: {exc}")
+    sweep.write_result(cell.cell_id, {
+        "cell_id": cell.cell_id, "status": "failed", "error": error, "traceback": tb[-4000:], "attempt": attempts,
+        "host": host, "slurm": slurm_ids(), "world_size": 1, "finished_at": time.time(), **_run_record(logger),
+    })  # fmt: skip
+    logger.finish("FAILED", None, end_reason=error[:250])
 
 
 def _record_setup_failure(sweep: SweepDir, cells: list[Cell], exc: Exception, processes: TaskProcesses) -> None:

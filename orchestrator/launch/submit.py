@@ -35,6 +35,7 @@ class Plan:
     skipped_live: list[str]
     arrays: list[list[list[Cell]]]  # arrays -> tasks -> cells
     max_array_size: int | None
+    concurrent_cells: int = 1  # resources.concurrent_cells: cells one training loop trains together
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -44,17 +45,37 @@ class Plan:
             "skipped_live": len(self.skipped_live),
             "tasks": sum(len(a) for a in self.arrays),
             "max_array_size": self.max_array_size,
+            "concurrent_cells": self.concurrent_cells,
             "arrays": [
                 {
                     "task_count": len(a),
                     "cells": sum(len(t) for t in a),
                     "cells_per_task": max((len(t) for t in a), default=0),
+                    # what K implies: the training loops a task runs (a loop trains up to K cells
+                    # of one variant at once; jobs/run_cells.py) and the most cells any loop holds
+                    "loops_per_task": max((len(_loops(t, self.concurrent_cells)) for t in a), default=0),
+                    "cells_per_loop": max((len(g) for t in a for g in _loops(t, self.concurrent_cells)), default=0),
                     "llms": sorted({c.llm or "none" for t in a for c in t}),
                 }
                 for a in self.arrays
             ],
             "cell_ids": [c.cell_id for c in self.cells],
         }
+
+
+def _loops(task: list[Cell], k: int) -> list[list[Cell]]:
+    """The training loops of one task: its cells grouped by variant, up to `k` a loop
+    (the grouping jobs/run_cells.py applies; cells without an LLM train alone)."""
+    loops: list[list[Cell]] = []
+    by_variant: dict[str, list[Cell]] = {}
+    for cell in task:
+        if cell.variant == "no_llm" or k == 1:
+            loops.append([cell])
+        else:
+            by_variant.setdefault(cell.variant, []).append(cell)
+    for members in by_variant.values():
+        loops += [members[i : i + k] for i in range(0, len(members), k)]
+    return loops
 
 
 def live_cell_ids(sweep: SweepDir) -> set[str]:
@@ -110,7 +131,7 @@ def _plan(spec: Any, cells: list[Cell], todo: list[Cell], skipped_done: list[str
     tasks = pack(todo, spec.resources.cells_per_task)
     limit = array_limit(spec, ask_cluster=ask_cluster)
     arrays = split_arrays(tasks, limit) if limit else ([tasks] if tasks else [])
-    return Plan(cells, todo, skipped_done, skipped_live, arrays, limit)
+    return Plan(cells, todo, skipped_done, skipped_live, arrays, limit, spec.resources.concurrent_cells)
 
 
 def _timeout_min(time_value: Any) -> int:

@@ -397,6 +397,11 @@ class TrainingSpec(_Strict):
         return self
 
 
+# Cells one loop trains together: beyond this, a step's batch (K x 256 clips) stops fitting
+# one GPU for a 1.5B LLM (docs/concurrent.md).
+MAX_CONCURRENT_CELLS = 64
+
+
 class ResourcesSpec(_Strict):
     """Where and how array tasks run. Unset Slurm fields are left to the cluster's defaults."""
 
@@ -428,6 +433,14 @@ class ResourcesSpec(_Strict):
     )
     cells_per_task: int = Field(
         1, ge=1, le=100_000, description="cells one array task trains (the LLM is loaded once per task)"
+    )
+    concurrent_cells: int = Field(
+        1,
+        ge=1,
+        le=MAX_CONCURRENT_CELLS,
+        description="cells of a task trained together in one loop, one frozen-LLM pass per step serving all"
+        " (aullm/concurrent.py); 1 = one after another. Same variant only; not with DeepSpeed or"
+        " processes_per_task > 1",
     )
     array_parallelism: int | None = Field(
         None, ge=1, description="most array tasks running at once (Slurm's %N throttle); null = no limit"
@@ -483,6 +496,13 @@ class ResourcesSpec(_Strict):
         # names it: GPUs and processes are matched once the two are merged.
         if not (info.context or {}).get("profile_only"):
             self._check_processes()
+            if self.concurrent_cells > 1 and self.processes_per_task > 1:
+                # a concurrent loop owns its K optimizers; data parallelism wraps one model in DDP
+                raise PydanticCustomError(
+                    "concurrent",
+                    f"concurrent_cells {self.concurrent_cells} with processes_per_task {self.processes_per_task}:"
+                    " concurrent cells train in one process; set one of them to 1",
+                )
         return self
 
     def _check_processes(self) -> None:
@@ -1274,6 +1294,11 @@ def check_deepspeed(spec: SweepSpec) -> str | None:
                      for s in spec.settings_table().values() if s.get("deepspeed")})  # fmt: skip
     if not combos:
         return None
+    if spec.resources.concurrent_cells > 1:
+        raise UserInputError(
+            f"{spec.source}: resources.concurrent_cells {spec.resources.concurrent_cells} does not combine with"
+            " training.deepspeed (the engine owns one model and one optimizer); set concurrent_cells: 1"
+        )
     from aullm.deepspeed_config import check_config, probe, read_config
 
     version = None
