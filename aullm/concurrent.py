@@ -156,6 +156,12 @@ class ConcurrentTrainer:
         checkpoint path saves its checkpoint, and `Preempted` is raised."""
         cfg = config or self.trainer.config
         cfg.check()
+        # the cells' LoRA settings, as CellTrainer.run takes them (a task may sweep them): the
+        # adapters may be rebuilt, so the layers are looked up again, never kept from before
+        from aullm.model.llm import LoraSettings
+
+        self.llm.use_lora(LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout))
+        self._lora_layers = [m for _, m in self.llm.lora_layers()]
         keys = [c.key for c in cells]
         if len(set(keys)) != len(keys):
             raise ValueError(f"concurrent cells must have distinct keys: {keys}")

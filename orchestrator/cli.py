@@ -264,8 +264,8 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 # Each command's help ends with these (`aullm-grid CMD --help`).
 EXAMPLES = {
     "validate": ["aullm-grid validate sweeps/demo.yaml", "aullm-grid validate sweeps/full.yaml --json"],
-    "submit": ["aullm-grid submit sweeps/demo.yaml --wait", "aullm-grid submit sweeps/full.yaml --dry-run",
-               "aullm-grid submit sweeps/demo.yaml --set training.epochs=5 --set 'sweep.lr=[1e-4,3e-4]'",
+    "submit": ["aullm-grid submit sweeps/full.yaml --dry-run",
+               "aullm-grid submit sweeps/demo.yaml --wait --set training.epochs=5 --set 'sweep.lr=[1e-4,3e-4]'",
                "aullm-grid submit runs/demo/sweep   # the sweep directory works too"],
     "status": ["aullm-grid status", "aullm-grid status sweeps/demo.yaml --watch",
                "aullm-grid status --watch 30 runs/demo/sweep --json"],

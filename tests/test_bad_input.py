@@ -291,7 +291,7 @@ def test_missing_sweep_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     code, _, stderr = _main(["validate", str(tmp_path / "nope.yaml")], capsys)
     assert code == 2 and stderr.strip().endswith("nope.yaml: no such sweep file")
     code, _, stderr = _main(["validate", str(tmp_path)], capsys)
-    assert code == 2 and "is a folder" in stderr
+    assert code == 2 and "not a sweep directory (no manifest.json)" in stderr  # a folder must be a submitted sweep
 
 
 def test_binary_sweep_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
