@@ -79,7 +79,8 @@ CONCURRENT_VARIANTS: tuple[str, ...] = tuple(v for v in VARIANTS if v not in VAR
 
 # Test-only mutation hook: when True every cell of a group uses the first cell's LoRA
 # adapters, i.e. the adapters are shared across cells. The equality tests must fail then.
-SHARE_ADAPTERS_FOR_TESTS = False
+# AULLM_TEST_SHARE_ADAPTERS=1 sets it in a task process (tests/test_concurrent_grid.py); never in CI's own runs.
+SHARE_ADAPTERS_FOR_TESTS = os.environ.get("AULLM_TEST_SHARE_ADAPTERS") == "1"
 
 
 def can_run_concurrently(variant: str, config: TrainConfig) -> bool:

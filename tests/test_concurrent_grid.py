@@ -1,0 +1,61 @@
+"""`resources.concurrent_cells` through the grid: a task that trains its cells in one
+concurrent loop (jobs/run_cells.py -> aullm/concurrent.py) writes, per cell, the result
+the one-by-one loop writes, within the 1e-5 of tests/test_concurrent.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.helpers import GridAssets, cell_predictions, manifest_cell_ids, result_files, run_cli, shared_assets, sweep_dict
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> GridAssets:
+    return shared_assets(tmp_path_factory)
+
+
+def _run(root: Path, assets: GridAssets, k: int) -> Path:
+    """The 3 LOSO folds of CASME II, variant all, in one task (debug executor, in the CLI)."""
+    spec = sweep_dict(assets, output_dir=root / "out", name=f"concurrent-k{k}", executor="debug", cells_per_task=3,
+                      epochs=2, cross_domain_variants=(), loso_variants=("all",))  # fmt: skip
+    spec["grid"][0]["datasets"] = ["casme2"]
+    spec["resources"]["concurrent_cells"] = k
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    run_cli("submit", root / "sweep.yaml", "--json", timeout_s=600).check()
+    return root / "out"
+
+
+def _largest_difference(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    for cid in a:
+        assert a[cid]["sample_keys"] == b[cid]["sample_keys"], cid
+    return max(float(np.abs(a[cid]["probs"] - b[cid]["probs"]).max()) for cid in a)
+
+
+@pytest.mark.slow
+def test_a_concurrent_task_writes_the_one_by_one_results(
+    assets: GridAssets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # thread counts change float sums
+    one_by_one = _run(tmp_path / "k1", assets, 1)
+    together = _run(tmp_path / "k3", assets, 3)
+    payloads = [json.loads(p.read_text()) for p in result_files(together)]
+    assert len(payloads) == 3 and sorted(p["cell_id"] for p in payloads) == sorted(manifest_cell_ids(together))
+    assert {p["status"] for p in payloads} == {"done"}
+    assert {p.get("concurrent_cells") for p in payloads} == {3}  # the three really shared one loop
+    worst = _largest_difference(cell_predictions(together), cell_predictions(one_by_one))
+    print(f"\n[concurrent] K=3 task vs one by one: largest probability difference {worst:.1e}")
+    assert worst <= TOL
+
+    # mutation check: adapters shared across the loop's cells (test-only hook) must show
+    monkeypatch.setenv("AULLM_TEST_SHARE_ADAPTERS", "1")
+    shared = _run(tmp_path / "k3-shared", assets, 3)
+    assert _largest_difference(cell_predictions(shared), cell_predictions(one_by_one)) > 100 * TOL
