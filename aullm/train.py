@@ -563,6 +563,11 @@ class CellTrainer:
 
     def _load_checkpoint(self, path, model, optimizer) -> tuple[int, list[float], np.random.Generator]:
         state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("concurrent"):
+            # a concurrent loop keeps the cell's LoRA weights beside the model's, not in it:
+            # resumed here the cell would go on without its adapters, silently
+            raise UserInputError(f"checkpoint {path} was written by a concurrent loop (resources.concurrent_cells > 1); "
+                                 "resume with the same concurrent_cells, or delete it to train the cell from the start")
         unwrapped = self._unwrap(model)
         named = dict(unwrapped.named_parameters())
         named_buffers = dict(unwrapped.named_buffers())

@@ -20,6 +20,7 @@ from aullm.constants import DATASET_AUS
 from aullm.data.clips import ClipStore
 from aullm.data.folds import loso_split, loso_subjects
 from aullm.data.readers import read_dataset
+from aullm.errors import UserInputError
 from aullm.train import CellTrainer, Preempted, TrainConfig
 
 TOL = 1e-5  # the bound, CPU fp32
@@ -153,6 +154,12 @@ def test_preempted_group_resumes_each_cell_from_its_checkpoint(data, trainers, a
     with pytest.raises(Preempted):
         conc.run(group(), cfg, should_stop=lambda: next(calls))
     assert all((tmp_path / f"{i}.pt").is_file() for i, _ in CELLS)
+    # resumed one by one (concurrent_cells changed to 1 before the requeue) it would lose its
+    # adapters: refused, and the checkpoint is kept for a concurrent resume
+    first = group()[0]
+    with pytest.raises(UserInputError, match="written by a concurrent loop"):
+        trainers[0].run(first.split, first.store, first.variant, first.seed, cfg, checkpoint_path=first.checkpoint_path)
+    assert first.checkpoint_path.is_file()
     resumed = conc.run(group(), cfg)
     assert all(r.start_epoch == 1 for r in resumed.values())
     assert _largest_difference(resumed, alone) <= TOL
