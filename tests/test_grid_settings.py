@@ -135,8 +135,8 @@ def test_retry_after_an_edit_is_refused(local: tuple[Path, Path], tmp_path: Path
     assert "weight_decay" in refused.stderr and "new output_dir" in refused.stderr
     assert (out / "manifest.json").read_bytes() == before
     # the sweep directory itself stands for the sweep as submitted: nothing to retry
-    ok = run_cli("retry", out, "--dry-run").check().json()
-    assert ok["to_submit"] == 0
+    ok = run_cli("retry", out, "--dry-run", "--json").check().json()
+    assert ok["retried"] == [] and ok["submitted"] == 0
 
 
 # ---------------------------------------------------------------- Slurm
