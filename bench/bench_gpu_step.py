@@ -36,6 +36,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -72,6 +73,28 @@ class ModeResult:
     achieved_tflops: float
     mfu: float | None
     error: str | None = None
+
+
+def time_steps(step: Any, device: Any, warmup: int, steps: int) -> tuple[float, float | None]:
+    """Seconds per step after `warmup` steps (the device synchronised before the clock
+    stops), and the peak GPU memory in GiB over the timed steps (None on the CPU)."""
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    seconds = (time.perf_counter() - t0) / steps
+    return seconds, (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
 
 
 def write_checkpoint(shape: str, out: Path, device: str) -> Path:
@@ -157,21 +180,7 @@ def run_mode(mode: str, model_dir: Path, args: argparse.Namespace) -> ModeResult
             optimizer.step()
         kept_logits.clear()
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(args.warmup):
-        step()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync()
-    seconds = (time.perf_counter() - t0) / args.steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    seconds, peak = time_steps(step, device, args.warmup, args.steps)
 
     counter = FlopCounterMode(display=False)
     with counter:
@@ -247,21 +256,7 @@ def run_concurrent(k: int, model_dir: Path, args: argparse.Namespace) -> ModeRes
         for opt in optimizers:
             opt.step()
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(args.warmup):
-        step()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync()
-    seconds = (time.perf_counter() - t0) / args.steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    seconds, peak = time_steps(step, device, args.warmup, args.steps)
     counter = FlopCounterMode(display=False)
     with counter:
         step()
