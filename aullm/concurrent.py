@@ -362,22 +362,9 @@ class ConcurrentTrainer:
         t_end = time.perf_counter()
         if s.cell.checkpoint_path is not None:
             s.cell.checkpoint_path.unlink(missing_ok=True)
-        return CellResult(
-            sample_keys=[x.key for x in split.test],
-            subjects=[x.subject for x in split.test],
-            aus=list(split.aus),
-            probs=probs,
-            labels=label_matrix(split.test, split.aus),
-            epoch_losses=list(s.epoch_losses),
-            timing={
-                "cell_seconds": t_end - s.t_start,
-                "train_step_seconds": s.step_seconds,
-                "steps": s.steps,
-                "predict_seconds": t_end - t_pred,
-                "llm_load_seconds": self.trainer.load_seconds,
-            },
-            start_epoch=s.start_epoch,
-        )
+        return CellResult.of_test_split(split, probs, s.epoch_losses, start_epoch=s.start_epoch, t_start=s.t_start,
+                                        t_pred=t_pred, t_end=t_end, step_seconds=s.step_seconds, steps=s.steps,
+                                        llm_load_seconds=self.trainer.load_seconds)  # fmt: skip
 
     def _save_checkpoint(self, s: _State) -> None:
         path = s.cell.checkpoint_path

@@ -188,6 +188,29 @@ class CellResult:
     timing: dict[str, float]
     start_epoch: int = 0  # > 0 when the cell resumed from a checkpoint
 
+    @classmethod
+    def of_test_split(cls, split: Split, probs: np.ndarray, epoch_losses: list[float], *, start_epoch: int,
+                      t_start: float, t_pred: float, t_end: float, step_seconds: float, steps: int,
+                      llm_load_seconds: float | None) -> "CellResult":  # fmt: skip
+        """The result of a cell trained on `split` (one cell alone or in a concurrent loop):
+        labels and keys of its test clips, and its timings from perf_counter marks."""
+        return cls(
+            sample_keys=[s.key for s in split.test],
+            subjects=[s.subject for s in split.test],
+            aus=list(split.aus),
+            probs=probs,
+            labels=label_matrix(split.test, split.aus),
+            epoch_losses=list(epoch_losses),
+            timing={
+                "cell_seconds": t_end - t_start,
+                "train_step_seconds": step_seconds,
+                "steps": steps,
+                "predict_seconds": t_end - t_pred,
+                "llm_load_seconds": llm_load_seconds,
+            },
+            start_epoch=start_epoch,
+        )
+
     def to_payload(self) -> dict[str, Any]:
         return {
             "predictions": {
@@ -478,22 +501,9 @@ class CellTrainer:
         finally:
             self.accelerator.free_memory()
 
-        return CellResult(
-            sample_keys=[s.key for s in split.test],
-            subjects=[s.subject for s in split.test],
-            aus=list(split.aus),
-            probs=probs,
-            labels=label_matrix(split.test, split.aus),
-            epoch_losses=epoch_losses,
-            timing={
-                "cell_seconds": t_end - t_start,
-                "train_step_seconds": step_seconds,
-                "steps": steps,
-                "predict_seconds": t_end - t_pred,
-                "llm_load_seconds": self.load_seconds,
-            },
-            start_epoch=start_epoch,
-        )
+        return CellResult.of_test_split(split, probs, epoch_losses, start_epoch=start_epoch, t_start=t_start,
+                                        t_pred=t_pred, t_end=t_end, step_seconds=step_seconds, steps=steps,
+                                        llm_load_seconds=self.load_seconds)  # fmt: skip
 
     @torch.no_grad()
     def _recompute_batchnorm_stats(self, model: torch.nn.Module, split: Split, store: ClipStore, scale: float) -> None:
