@@ -341,6 +341,9 @@ class CellTrainer:
         self.accelerator = Accelerator(**self._accelerator_kwargs(self.config))
         self.device = self.accelerator.device
         configure_determinism(self.device.type)
+        # time.time() when this trainer's first training step began (the task's first step:
+        # the trainer lives as long as the task); what start-up costs is measured up to it
+        self.first_step_at: float | None = None
         t0 = time.perf_counter()
         self.llm = None
         if self.llm_path is not None:
@@ -473,6 +476,8 @@ class CellTrainer:
                         clips = store.batch(batch_samples, lambda n: test_frame_indices(n, NUM_FRAMES))
                     x = torch.from_numpy(clips * scale).to(self.device)
                     y = train_labels[idx].to(self.device)
+                    if self.first_step_at is None:
+                        self.first_step_at = time.time()
                     t0 = time.perf_counter()
                     with self.accelerator.autocast():
                         logits = model(x)

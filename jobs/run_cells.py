@@ -213,6 +213,7 @@ class _TaskReport:
     outcomes: dict[str, str] = field(default_factory=dict)
     llm_load_seconds: float | None = None
     processes: TaskProcesses = field(default_factory=TaskProcesses)
+    trainer: Any = None  # the task's CellTrainer, once built: it marks its first training step
 
     def line(self, n_cells: int, seconds: float) -> str:
         counts = Counter(o.split(" ")[0] for o in self.outcomes.values())
@@ -223,8 +224,28 @@ class _TaskReport:
         where = f"; process {self.processes.rank} of {self.processes.world_size}" if self.processes.distributed else ""
         return (
             f"aullm-grid task: {n_cells} cells ({done}) in {seconds:.1f} s; model load {load}; "
-            f"deepspeed imported: {deepspeed}{where}"
+            f"{self._first_step()}; deepspeed imported: {deepspeed}{where}"
         )
+
+    def _first_step(self) -> str:
+        """How long the process took to reach its first training step: what start-up costs
+        (interpreter, imports, LLM load, data), read by bench/bench_overhead.py."""
+        first = getattr(self.trainer, "first_step_at", None)
+        started = process_started_at()
+        if first is None or started is None:
+            return "first training step not reached"
+        return f"first training step {first - started:.1f} s after the process started"
+
+
+def process_started_at() -> float | None:
+    """time.time() when this process started (Linux: /proc, to 10 ms), or None elsewhere."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime, counted after the name
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return time.time() - age
 
 
 @dataclass(frozen=True)
@@ -319,6 +340,7 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
             _record_setup_failure(sweep, cells, exc, processes)
         raise
     report.llm_load_seconds = trainer.load_seconds
+    report.trainer = trainer
     world_size = trainer.accelerator.num_processes
     if world_size != processes.world_size:
         # each process would train alone: the same numbers at N times the cost, silently
