@@ -43,6 +43,7 @@ test_concurrent.py measures it), not bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import shutil
 import time
@@ -57,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aullm.constants import NUM_FRAMES, VARIANTS, VARIANTS_WITHOUT_LLM
+from aullm.constants import MAX_CONCURRENT_CELLS, NUM_FRAMES, VARIANTS, VARIANTS_WITHOUT_LLM
 from aullm.data.clips import ClipStore, test_frame_indices, train_frame_indices
 from aullm.data.folds import Split, label_matrix
 from aullm.errors import UserInputError
@@ -90,6 +91,82 @@ def can_run_concurrently(variant: str, config: TrainConfig) -> bool:
     if variant == "prompt_learning" and config.prompt_fusion == "late":
         return False
     return not config.deepspeed  # DeepSpeed's engine owns one model and one optimizer
+
+
+# `concurrent_cells: auto` packs as many cells as fit in this share of the free memory: the
+# rest absorbs what one measured step cannot show (the allocator's fragmentation, ragged
+# cells' padding beyond the measured pair, prediction's batches, other processes' growth).
+USABLE_FRACTION = 0.9
+GIB = 1024**3
+
+
+def choose_concurrent_cells(free_bytes: int, per_cell_bytes: int, *, cells: int, usable_fraction: float = USABLE_FRACTION,
+                            cap: int = MAX_CONCURRENT_CELLS) -> int:  # fmt: skip
+    """The largest K with K * per_cell_bytes <= usable_fraction * free_bytes, no more than
+    the `cells` a loop could hold nor `cap`, and at least 1 (one cell alone trains as it
+    always did: if it does not fit, packing would not have made it fit)."""
+    if not 0 < usable_fraction <= 1:
+        raise ValueError(f"usable_fraction {usable_fraction} must be in (0, 1]")
+    room = int(free_bytes * usable_fraction) // max(int(per_cell_bytes), 1)
+    return max(1, min(room, cells, cap))
+
+
+def auto_without_measuring(device_type: str, *, has_llm: bool, processes: int, deepspeed: bool) -> str | None:
+    """Why `concurrent_cells: auto` is 1 without measuring anything, or None when it must
+    measure (one process on a GPU, with an LLM and without DeepSpeed)."""
+    if deepspeed:
+        return "DeepSpeed"  # its engine owns one model and one optimizer
+    if processes > 1:
+        return f"{processes} processes"  # data parallelism wraps one model in DDP
+    if not has_llm:
+        return "no LLM"  # nothing shared to batch
+    if device_type != "cuda":
+        # on a CPU a batched matmul is not much faster per FLOP than K small ones
+        # (docs/concurrent.md, measured), and K cells only add padding there
+        return device_type.upper()
+    return None
+
+
+def describe_auto(k: int, per_cell_bytes: int, free_bytes: int, *, cells: int, usable_fraction: float = USABLE_FRACTION,
+                  cap: int = MAX_CONCURRENT_CELLS) -> str:  # fmt: skip
+    """K and why, for the task's log line: what was measured and which bound set K."""
+    room = int(free_bytes * usable_fraction) // max(int(per_cell_bytes), 1)
+    bounds = [f"room for {room}"]
+    if cells < room:
+        bounds.append(f"{cells} cells to train")
+    if cap < min(room, cells):
+        bounds.append(f"at most {cap}")
+    return (f"{k} (per cell {per_cell_bytes / GIB:.1f} GiB measured, {free_bytes / GIB:.1f} GiB free, "
+            f"{usable_fraction:.0%} usable: {', '.join(bounds)})")  # fmt: skip
+
+
+class CudaMemory:
+    """What the measurement reads of a CUDA device: allocated bytes, their peak, and the
+    device's free bytes. A seam, so that the CPU tests can run the measurement's training
+    steps with a stand-in (the CPU has no allocator statistics)."""
+
+    def __init__(self, device: torch.device) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"memory statistics need a CUDA device, not {device}")
+        self.device = device
+
+    def settle(self) -> None:
+        gc.collect()  # a model left in a reference cycle still holds its tensors
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # cached blocks count as used in mem_get_info
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def free(self) -> int:
+        return torch.cuda.mem_get_info(self.device)[0]
 
 
 @dataclass
@@ -140,6 +217,68 @@ class ConcurrentTrainer:
         self.llm = trainer.llm
         self.device = trainer.device
         self._lora_layers = [m for _, m in self.llm.lora_layers()]
+
+    # -- how many cells fit --------------------------------------------------------------
+
+    def measure_cell_bytes(self, cells: list[ConcurrentCell], config: TrainConfig | None = None,
+                           memory: CudaMemory | None = None) -> int:  # fmt: skip
+        """Device bytes one more cell of a loop takes: two cells (those with the most training
+        clips, so the largest batches) trained together for two steps, through the very code
+        of `run`, the peak allocated above what was allocated before (the shared LLM), halved.
+
+        Two cells, not one: K > 1 takes another path than K = 1 (per-sample LoRA pads and
+        stacks each layer's rows, and keeps that copy for the backward pass), and halving
+        two cells' cost counts the step's one-off buffers as if each cell paid them: an
+        overestimate for K > 2, never an under one. Two steps: the peak of the second holds
+        the first's Adam state and its gradients (freed only at the next zero_grad, after
+        the forward pass) beside its own activations. Nothing of it outlives the call: the
+        cells start from their own seeds in `run` (`_start`), as they would without it."""
+        cfg = config or self.trainer.config
+        cfg.check()
+        memory = memory or CudaMemory(self.device)
+        biggest = sorted(cells, key=lambda c: len(c.split.train), reverse=True)[:2]
+        pair = [dataclasses.replace(c, key=f"measure-{i}", on_epoch=None, checkpoint_path=None) for i, c in enumerate(biggest)]
+        pair += [dataclasses.replace(pair[0], key="measure-1")] if len(pair) == 1 else []
+        from aullm.model.llm import LoraSettings
+
+        self.llm.use_lora(LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout))
+        self._lora_layers = [m for _, m in self.llm.lora_layers()]
+        loss_fn = AsymmetricLoss(
+            gamma_pos=cfg.gamma_pos, gamma_neg=cfg.gamma_neg, clip=cfg.asl_clip, form=cfg.asl_form,
+            reduction=cfg.loss_reduction,
+        )  # fmt: skip
+        scale = 1.0 / 255.0 if cfg.pixel_scale == "unit" else 1.0
+        first_step_at = self.trainer.first_step_at
+        memory.settle()
+        before = memory.allocated()
+        memory.reset_peak()
+        states = [self._start(c, cfg) for c in pair]
+        try:
+            for s in states:
+                s.model.train()
+                s.order = s.sampling_rng.permutation(len(s.cell.split.train))
+            del s  # else the last cell's model outlives the measurement and the free memory reads less
+            for _ in range(2):
+                self._step(states, 0, cfg, scale, loss_fn)  # the first batch twice: a fold may have one
+            peak = memory.peak()
+        finally:
+            self._release(states)
+            del states
+            self.trainer.first_step_at = first_step_at  # a measurement, not the task's training
+            memory.settle()
+        return max(peak - before, 0) // 2
+
+    def choose_k(self, cells: list[ConcurrentCell], config: TrainConfig | None = None,
+                 memory: CudaMemory | None = None) -> tuple[int, str]:  # fmt: skip
+        """K for `concurrent_cells: auto` on this trainer's device, for a loop of `cells`,
+        and the reason, for the task's log line."""
+        if len(cells) < 2:
+            return 1, f"1 ({'one cell' if cells else 'no cell'} to train)"
+        memory = memory or CudaMemory(self.device)
+        per_cell = self.measure_cell_bytes(cells, config, memory)
+        free = memory.free()  # after the measurement let go: what the cells may take
+        k = choose_concurrent_cells(free, per_cell, cells=len(cells))
+        return k, describe_auto(k, per_cell, free, cells=len(cells))
 
     # -- the loop -----------------------------------------------------------------------
 

@@ -19,6 +19,14 @@ VARIANTS_WITHOUT_LLM: frozenset[str] = frozenset({"no_llm"})
 
 TOKEN_POSITIONS: tuple[str, ...] = ("prepend", "append")
 
+# Cells one training loop may train together (resources.concurrent_cells): beyond this, a
+# step's batch (K x 256 clips) stops fitting one GPU for a 1.5B LLM (docs/concurrent.md).
+# Here, not in the sweep schema, because the task's `auto` choice is capped by it too.
+MAX_CONCURRENT_CELLS = 64
+# `concurrent_cells: auto`: the task picks K (1 on a CPU; on a GPU, from one cell's measured
+# memory and the free memory), so the sweep file needs no K per cluster.
+CONCURRENT_AUTO = "auto"
+
 NUM_FRAMES = 6  # T
 FRAME_SIZE = 64  # H = W
 PAPER_PROMPT = "Analyze the facial features to classify action units:"
