@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aullm.constants import CONCURRENT_AUTO as AUTO
 from jobs.process_group import TaskProcesses, join_task_processes
 from orchestrator.sweep.cells import Cell, task_setup
 from orchestrator.ledger import SweepDir
@@ -349,10 +350,21 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
     outcomes = report.outcomes
     host = socket.gethostname()
 
-    concurrent = int(manifest["spec"].get("resources", {}).get("concurrent_cells") or 1)
-    if concurrent > 1 and trainer.llm is not None and not processes.distributed and not config.deepspeed:
+    concurrent = concurrent_setting(manifest)
+    # under `auto`, per cell: the K its loop got and why ("1 (CPU)"), for its result file
+    chosen: dict[str, str] = {}
+    if concurrent == AUTO:
+        from aullm.concurrent import auto_without_measuring
+
+        why = auto_without_measuring(trainer.device.type, has_llm=trainer.llm is not None,
+                                     processes=processes.world_size, deepspeed=bool(config.deepspeed))  # fmt: skip
+        if why is not None:
+            print(f"aullm-grid: concurrent_cells auto: 1 ({why})", flush=True)
+            chosen = {c.cell_id: f"1 ({why})" for c in cells}
+            concurrent = 1
+    if concurrent != 1 and trainer.llm is not None and not processes.distributed and not config.deepspeed:
         cells = _run_concurrent(sweep, manifest, cells, configs, trainer, datasets, tracking, stop, outcomes, concurrent,
-                                processes)
+                                processes, chosen)
         if any(o == "preempted" for o in outcomes.values()):
             return outcomes  # the stopped cells saved their checkpoints; the rest waits for the requeue
 
@@ -435,6 +447,7 @@ def _run_cells(sweep_dir: str, cell_ids: list[str], report: _TaskReport) -> dict
             "host": host,
             "slurm": slurm_ids(),
             "world_size": world_size,  # processes that trained the cell together (data parallel)
+            **({"concurrent_cells_auto": chosen[cell.cell_id]} if cell.cell_id in chosen else {}),
             "started_at": t0,
             "finished_at": time.time(),
             **_run_record(logger),
@@ -481,25 +494,45 @@ def _timing_metrics(timing: dict[str, float], data_seconds: float) -> dict[str, 
     return out
 
 
+def concurrent_setting(manifest: dict[str, Any]) -> int | str:
+    """`resources.concurrent_cells` as the sweep set it: K, or `auto`. A manifest written
+    before the knob had `auto` (or before it existed) meant 1, its default then."""
+    value = manifest["spec"].get("resources", {}).get("concurrent_cells")
+    return AUTO if value == AUTO else int(value or 1)
+
+
 def _run_concurrent(sweep: SweepDir, manifest: dict, cells: list[Cell], configs: dict[str, Any], trainer: Any,
                     datasets: DatasetCache, tracking: Any, stop: _StopFlag, outcomes: dict[str, str],
-                    k: int, processes: TaskProcesses) -> list[Cell]:  # fmt: skip
+                    k: int | str, processes: TaskProcesses, chosen: dict[str, str]) -> list[Cell]:  # fmt: skip
     """Train the task's cells in concurrent loops of up to `k` cells of one variant
-    (aullm/concurrent.py). Each cell keeps its own claim, MLflow run, checkpoint and result,
-    written the moment it ends. Returns the cells left for the one-by-one loop: those
-    that cannot share a loop (no LLM, late-fusion prompt learning) and groups of one."""
+    (aullm/concurrent.py); `k` `auto`: as many as the device's free memory holds, measured
+    per loop (`_auto_k`), recorded in `chosen`. Each cell keeps its own claim, MLflow run,
+    checkpoint and result, written the moment it ends. Returns the cells left for the
+    one-by-one loop: those that cannot share a loop (no LLM, late-fusion prompt learning)
+    and groups of one."""
     from aullm.concurrent import ConcurrentCell, ConcurrentTrainer, can_run_concurrently, groups_of
     from aullm.train import Preempted
     from orchestrator.tracking.cell_logger import CellRunLogger
 
     able = [c for c in cells if can_run_concurrently(c.variant, configs[c.cell_id])]
+    if k == AUTO:
+        alone = {c.cell_id for c in cells} - {c.cell_id for c in able}
+        chosen.update((cid, "1 (its variant trains alone)") for cid in alone)
+    # a requeued task's finished cells would only leave holes in its loops (their claim skips
+    # them), and `auto` must not measure room for them: the one-by-one loop skips them
+    able = [c for c in able if not sweep.result_exists(c.cell_id, status="done")]
+    conc = ConcurrentTrainer(trainer)
     # one loop trains one variant under one setting (axes): the loop has one TrainConfig
-    groups = [g for g in groups_of(able, k, key=lambda c: (c.variant, c.settings_hash)) if len(g) > 1]
+    groups: list[list[Cell]] = []
+    k_of: dict[str, int] = {}
+    for members in groups_of(able, len(able) or 1, key=lambda c: (c.variant, c.settings_hash)):
+        loop_k = _auto_k(conc, members, configs, datasets, chosen) if k == AUTO else int(k)
+        k_of.update((c.cell_id, loop_k) for c in members)
+        groups += [g for g in groups_of(members, loop_k, key=lambda c: c.variant) if len(g) > 1]
     grouped = {c.cell_id for g in groups for c in g}
     rest = [c for c in cells if c.cell_id not in grouped]
     if not groups:
         return rest
-    conc = ConcurrentTrainer(trainer)
     host = socket.gethostname()
     for group in groups:
         config = configs[group[0].cell_id]
@@ -511,7 +544,7 @@ def _run_concurrent(sweep: SweepDir, manifest: dict, cells: list[Cell], configs:
                 outcomes[cell.cell_id] = claim
                 continue
             logger = _BackgroundLogger(CellRunLogger(tracking, sweep.path, cell.cell_id),
-                                       params={**cell.params(), **config.__dict__, "concurrent_cells": k},
+                                       params={**cell.params(), **config.__dict__, "concurrent_cells": k_of[cell.cell_id]},
                                        tags=cell.tags(manifest.get("name", "")))  # fmt: skip
             t0 = time.time()
             try:
@@ -540,7 +573,9 @@ def _run_concurrent(sweep: SweepDir, manifest: dict, cells: list[Cell], configs:
                 "cell_id": cell.cell_id, "status": "done", "recipe": config.recipe,
                 "settings_hash": cell.settings_hash, **outcome.to_payload(),
                 "attempt": attempts, "host": host, "slurm": slurm_ids(), "world_size": 1,
-                "concurrent_cells": len(started), "started_at": t0, "finished_at": time.time(), **_run_record(logger),
+                "concurrent_cells": len(started),
+                **({"concurrent_cells_auto": chosen[cell.cell_id]} if cell.cell_id in chosen else {}),
+                "started_at": t0, "finished_at": time.time(), **_run_record(logger),
             }  # fmt: skip
             logger.log_artifact(sweep.write_result(cell.cell_id, payload), "predictions")
             final = outcome.epoch_losses[-1] if outcome.epoch_losses else float("nan")
@@ -560,6 +595,30 @@ def _run_concurrent(sweep: SweepDir, manifest: dict, cells: list[Cell], configs:
                 _requeue_self()
             return []
     return rest
+
+
+def _auto_k(conc: Any, members: list[Cell], configs: dict[str, Any], datasets: DatasetCache,
+            chosen: dict[str, str]) -> int:  # fmt: skip
+    """K for one loop's cells still to train (one variant, one setting) under `auto` on a
+    GPU: measured (aullm/concurrent.py, `ConcurrentTrainer.choose_k`), logged in one line. A measurement that fails (a cell that does not fit even alone, bad data) gives
+    1: the one-by-one loop then trains, or fails, each cell with its own error."""
+    from aullm.concurrent import ConcurrentCell
+
+    what = f"{members[0].variant}, {len(members)} cells to train"
+    cells = []
+    for c in members:
+        try:
+            split, store = build_split(c, datasets)
+        except Exception:  # noqa: BLE001 - the cell's own failure, written when its loop claims it
+            continue
+        cells.append(ConcurrentCell(key=c.cell_id, split=split, store=store, variant=c.variant, seed=c.seed))
+    try:
+        k, why = conc.choose_k(cells, configs[members[0].cell_id])
+    except Exception as exc:  # noqa: BLE001 - a choice of K must not fail the task
+        k, why = 1, f"1 (measurement failed: {_one_line(f'{type(exc).__name__}: {exc}', 200)})"
+    print(f"aullm-grid: concurrent_cells auto: {why} [{what}]", flush=True)
+    chosen.update((c.cell_id, why) for c in members)
+    return k
 
 
 def _write_failed(sweep: SweepDir, cell: Cell, attempts: int, host: str, logger: Any, exc: BaseException,

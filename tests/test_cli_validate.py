@@ -89,6 +89,38 @@ def test_submit_dry_run_prints_the_plan_and_writes_nothing(
     assert not (tmp_path / "out").exists()
 
 
+# 13 cells in 4 tasks of <= 4: the 7 tiny-LLM cells of variant all (4 + 3) and the 6 no_llm
+# cells (3 + 3: packed per dataset), which always train one by one
+@pytest.mark.parametrize(
+    ("concurrent", "planned", "loops", "cells_per_loop", "note"),
+    [
+        (None, 1, 13, 1, "auto (resolved per task: 1 on CPU, from measured memory on a GPU); loops counted at K=1"),
+        ("auto", 1, 13, 1, "a GPU may pack more cells a loop"),
+        (1, 1, 13, 1, "1 (set in the sweep)"),
+        (3, 3, 2 + 1 + 6, 3, "3 (set in the sweep)"),  # all: 4 -> 3 + 1, 3 -> 3; no_llm: 6 alone
+        (8, 8, 1 + 1 + 6, 4, "8 (set in the sweep)"),  # a loop holds at most its task's cells
+    ],
+)
+def test_dry_run_shows_concurrent_cells_and_the_loops_it_implies(
+    tmp_path: Path, assets: dict[str, Path], capsys: pytest.CaptureFixture[str],
+    concurrent: object, planned: int, loops: int, cells_per_loop: int, note: str,
+) -> None:  # fmt: skip
+    resources = {"executor": "local", "cells_per_task": 4}
+    if concurrent is not None:
+        resources["concurrent_cells"] = concurrent
+    path = good_sweep(tmp_path, assets, resources=resources)
+    assert cli.main(["submit", str(path), "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["concurrent_cells"] == (concurrent or "auto")  # as the sweep set it (default auto)
+    assert plan["concurrent_cells_planned"] == planned
+    assert note in plan["concurrent_cells_note"]
+    assert plan["tasks"] == 4 and plan["loops"] == loops
+    (array,) = plan["arrays"]
+    assert array["cells_per_loop"] == cells_per_loop
+    assert array["loops_per_task"] == (4 if planned == 1 else 3)  # K > 1: a no_llm task's 3 loops are the most
+    assert not (tmp_path / "out").exists()
+
+
 def test_changed_training_settings_are_refused(
     tmp_path: Path, assets: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -184,15 +184,16 @@ def test_groups_share_a_variant_and_hold_at_most_k() -> None:
 
 
 def test_concurrent_cells_knob_is_validated() -> None:
-    """Default 1; 0 and a combination with data-parallel processes are refused, each with
-    its own reason (the CLI turns them into one line and exit 2)."""
+    """Default auto; 0 and a combination with data-parallel processes are refused, each with
+    its own reason (the CLI turns them into one line and exit 2; tests/test_spec.py has the
+    table of values)."""
     from pydantic import ValidationError
 
     from orchestrator.sweep.spec import ResourcesSpec
 
-    assert ResourcesSpec().concurrent_cells == 1
+    assert ResourcesSpec().concurrent_cells == "auto"
     assert ResourcesSpec(concurrent_cells=4).concurrent_cells == 4
-    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+    with pytest.raises(ValidationError, match="0 is out of range"):
         ResourcesSpec(concurrent_cells=0)
     with pytest.raises(ValidationError, match="concurrent cells train in one process"):
         ResourcesSpec(concurrent_cells=2, processes_per_task=2, executor="local")

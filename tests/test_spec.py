@@ -204,6 +204,73 @@ def test_training_block_mirrors_trainconfig() -> None:
 def test_resources_defaults_are_usable_without_a_cluster() -> None:
     res = ResourcesSpec()
     assert res.executor == "local" and res.cells_per_task == 1 and res.time == 60
+    assert res.concurrent_cells == "auto"  # the task picks K: 1 on a CPU
+
+
+@pytest.mark.parametrize(("value", "stored"), [("auto", "auto"), (" auto ", "auto"), (1, 1), (8, 8), (64, 64)])
+def test_concurrent_cells_takes_a_whole_number_or_auto(tmp_path: Path, value: object, stored: object) -> None:
+    spec = load_sweep(write(tmp_path / "s.yaml", minimal(resources={"concurrent_cells": value})))
+    assert spec.resources.concurrent_cells == stored
+    assert SweepSpec.from_snapshot(spec.snapshot()).resources.concurrent_cells == stored  # the manifest keeps it
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        (0, "0 is out of range"),
+        (65, "65 is out of range"),
+        (-1, "-1 is out of range"),
+        ("many", "'many' is not"),
+        ("AUTO", "'AUTO' is not"),
+        ("4", "'4' is not"),  # quoted in YAML: text, not a number
+        (2.5, "2.5 is not"),
+        (2.0, "2.0 is not"),
+        (True, "true is not"),  # YAML's true would otherwise pass as 1
+        (None, "nothing (null) is not"),
+        ([2], "a list is not"),
+    ],
+)
+def test_bad_concurrent_cells_are_named_in_one_line(tmp_path: Path, value: object, says: str) -> None:
+    f = write(tmp_path / "s.yaml", minimal(resources={"concurrent_cells": value}))
+    with pytest.raises(UserInputError) as caught:
+        load_sweep(f)
+    line = str(caught.value)
+    assert "\n" not in line
+    assert line.startswith(f"{f}: field 'resources.concurrent_cells': {says}"), line
+    assert "a whole number 1..64 or auto" in line, line
+
+
+@pytest.mark.parametrize(
+    ("concurrent", "processes", "refused"),
+    [(2, 2, True), (64, 4, True), (1, 2, False), ("auto", 2, False), ("auto", 1, False), (8, 1, False)],
+)
+def test_only_an_explicit_k_above_one_refuses_several_processes(concurrent: object, processes: int, refused: bool) -> None:
+    """auto becomes 1 in a task of several processes (jobs/run_cells.py): nothing to refuse."""
+    from pydantic import ValidationError
+
+    make = lambda: ResourcesSpec(concurrent_cells=concurrent, processes_per_task=processes, executor="local")  # noqa: E731
+    if refused:
+        with pytest.raises(ValidationError, match=f"concurrent_cells {concurrent} with processes_per_task {processes}"):
+            make()
+    else:
+        assert make().concurrent_cells == concurrent
+
+
+@pytest.mark.parametrize(("concurrent", "refused"), [(3, True), (1, False), ("auto", False)])
+def test_only_an_explicit_k_above_one_refuses_deepspeed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, concurrent: object, refused: bool
+) -> None:
+    import aullm.deepspeed_config as ds_config
+    from orchestrator.sweep.spec import check_deepspeed
+
+    monkeypatch.setattr(ds_config, "probe", lambda *_a, **_k: "probed")  # DeepSpeed's own import is not the point
+    spec = load_sweep(write(tmp_path / "s.yaml", minimal(training={"deepspeed": "zero2"},
+                                                         resources={"concurrent_cells": concurrent})))  # fmt: skip
+    if refused:
+        with pytest.raises(UserInputError, match=f"concurrent_cells {concurrent} does not combine with training.deepspeed"):
+            check_deepspeed(spec)
+    else:
+        assert check_deepspeed(spec) == "probed"
 
 
 def test_profile_search_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aullm.constants import CONCURRENT_AUTO as AUTO
 from orchestrator.sweep.cells import Cell, pack, split_arrays
 from orchestrator.ledger import SweepDir
 
@@ -35,9 +36,23 @@ class Plan:
     skipped_live: list[str]
     arrays: list[list[list[Cell]]]  # arrays -> tasks -> cells
     max_array_size: int | None
-    concurrent_cells: int = 1  # resources.concurrent_cells: cells one training loop trains together
+    # resources.concurrent_cells: cells one training loop trains together, K or `auto`
+    concurrent_cells: int | str = 1
+
+    @property
+    def planned_k(self) -> int:
+        """The K the loops are counted at: `auto` is chosen in each task, on its device, so
+        a plan made here (no GPU, no torch) counts what a CPU task does: K = 1."""
+        return 1 if self.concurrent_cells == AUTO else int(self.concurrent_cells)
+
+    def concurrent_note(self) -> str:
+        if self.concurrent_cells == AUTO:
+            return (f"{AUTO} (resolved per task: 1 on CPU, from measured memory on a GPU); loops counted at K=1,"
+                    " a GPU may pack more cells a loop")  # fmt: skip
+        return f"{self.concurrent_cells} (set in the sweep)"
 
     def to_json(self) -> dict[str, Any]:
+        k = self.planned_k
         return {
             "cells": len(self.cells),
             "to_submit": len(self.todo),
@@ -46,6 +61,9 @@ class Plan:
             "tasks": sum(len(a) for a in self.arrays),
             "max_array_size": self.max_array_size,
             "concurrent_cells": self.concurrent_cells,
+            "concurrent_cells_planned": k,
+            "concurrent_cells_note": self.concurrent_note(),
+            "loops": sum(len(_loops(t, k)) for a in self.arrays for t in a),
             "arrays": [
                 {
                     "task_count": len(a),
@@ -53,8 +71,8 @@ class Plan:
                     "cells_per_task": max((len(t) for t in a), default=0),
                     # what K implies: the training loops a task runs (a loop trains up to K cells
                     # of one variant at once; jobs/run_cells.py) and the most cells any loop holds
-                    "loops_per_task": max((len(_loops(t, self.concurrent_cells)) for t in a), default=0),
-                    "cells_per_loop": max((len(g) for t in a for g in _loops(t, self.concurrent_cells)), default=0),
+                    "loops_per_task": max((len(_loops(t, k)) for t in a), default=0),
+                    "cells_per_loop": max((len(g) for t in a for g in _loops(t, k)), default=0),
                     "llms": sorted({c.llm or "none" for t in a for c in t}),
                 }
                 for a in self.arrays
@@ -64,16 +82,16 @@ class Plan:
 
 
 def _loops(task: list[Cell], k: int) -> list[list[Cell]]:
-    """The training loops of one task: its cells grouped by variant, up to `k` a loop
-    (the grouping jobs/run_cells.py applies; cells without an LLM train alone)."""
+    """The training loops of one task: its cells grouped by variant and setting, up to `k`
+    a loop (the grouping jobs/run_cells.py applies; cells without an LLM train alone)."""
     loops: list[list[Cell]] = []
-    by_variant: dict[str, list[Cell]] = {}
+    by_key: dict[tuple[str, str], list[Cell]] = {}
     for cell in task:
         if cell.variant == "no_llm" or k == 1:
             loops.append([cell])
         else:
-            by_variant.setdefault(cell.variant, []).append(cell)
-    for members in by_variant.values():
+            by_key.setdefault((cell.variant, cell.settings_hash), []).append(cell)
+    for members in by_key.values():
         loops += [members[i : i + k] for i in range(0, len(members), k)]
     return loops
 

@@ -39,7 +39,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from aullm.constants import DATASETS, VARIANTS, VARIANTS_WITHOUT_LLM
+from aullm.constants import CONCURRENT_AUTO as AUTO
+from aullm.constants import DATASETS, MAX_CONCURRENT_CELLS, VARIANTS, VARIANTS_WITHOUT_LLM
 from aullm.errors import UserInputError
 from orchestrator.sweep import paths, profiles
 from orchestrator.sweep import settings as _settings
@@ -397,9 +398,24 @@ class TrainingSpec(_Strict):
         return self
 
 
-# Cells one loop trains together: beyond this, a step's batch (K x 256 clips) stops fitting
-# one GPU for a 1.5B LLM (docs/concurrent.md).
-MAX_CONCURRENT_CELLS = 64
+def parse_concurrent_cells(value: Any) -> int | str:
+    """`auto` or a whole number 1..MAX_CONCURRENT_CELLS, nothing else: YAML's `true` and
+    `2.5` would pass pydantic's lax int (as 1, or rounded away), hiding the typo."""
+    allowed = f"a whole number 1..{MAX_CONCURRENT_CELLS} or {AUTO}"
+    if isinstance(value, str) and value.strip() == AUTO:
+        return AUTO
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 1 <= value <= MAX_CONCURRENT_CELLS:
+            return value
+        raise PydanticCustomError("concurrent_cells", f"{value} is out of range; use {allowed}")
+    shown = _kind(value) if value is None else _show(value)
+    raise PydanticCustomError("concurrent_cells", f"{shown} is not {allowed}")
+
+
+def concurrent_above_one(value: int | str) -> bool:
+    """An explicit K > 1: what cannot combine with DeepSpeed or several processes. `auto`
+    is resolved in the task, to 1 wherever those are set, so it combines with anything."""
+    return isinstance(value, int) and value > 1
 
 
 class ResourcesSpec(_Strict):
@@ -434,13 +450,12 @@ class ResourcesSpec(_Strict):
     cells_per_task: int = Field(
         1, ge=1, le=100_000, description="cells one array task trains (the LLM is loaded once per task)"
     )
-    concurrent_cells: int = Field(
-        1,
-        ge=1,
-        le=MAX_CONCURRENT_CELLS,
+    concurrent_cells: Annotated[int | str, BeforeValidator(parse_concurrent_cells)] = Field(
+        AUTO,
         description="cells of a task trained together in one loop, one frozen-LLM pass per step serving all"
-        " (aullm/concurrent.py); 1 = one after another. Same variant only; not with DeepSpeed or"
-        " processes_per_task > 1",
+        f" (aullm/concurrent.py); 1 = one after another; 1..{MAX_CONCURRENT_CELLS}, or auto: chosen by the"
+        " task (1 on a CPU, from one cell's measured memory and the free memory on a GPU). Same variant"
+        " only; an explicit K > 1 does not combine with DeepSpeed or processes_per_task > 1 (auto becomes 1)",
     )
     array_parallelism: int | None = Field(
         None, ge=1, description="most array tasks running at once (Slurm's %N throttle); null = no limit"
@@ -496,7 +511,7 @@ class ResourcesSpec(_Strict):
         # names it: GPUs and processes are matched once the two are merged.
         if not (info.context or {}).get("profile_only"):
             self._check_processes()
-            if self.concurrent_cells > 1 and self.processes_per_task > 1:
+            if concurrent_above_one(self.concurrent_cells) and self.processes_per_task > 1:
                 # a concurrent loop owns its K optimizers; data parallelism wraps one model in DDP
                 raise PydanticCustomError(
                     "concurrent",
@@ -1294,7 +1309,7 @@ def check_deepspeed(spec: SweepSpec) -> str | None:
                      for s in spec.settings_table().values() if s.get("deepspeed")})  # fmt: skip
     if not combos:
         return None
-    if spec.resources.concurrent_cells > 1:
+    if concurrent_above_one(spec.resources.concurrent_cells):
         raise UserInputError(
             f"{spec.source}: resources.concurrent_cells {spec.resources.concurrent_cells} does not combine with"
             " training.deepspeed (the engine owns one model and one optimizer); set concurrent_cells: 1"
