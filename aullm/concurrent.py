@@ -239,8 +239,7 @@ class ConcurrentTrainer:
                 clips = s.cell.store.batch(batch, lambda n: test_frame_indices(n, NUM_FRAMES))
             xs.append(torch.from_numpy(clips * scale).to(self.device))
             ys.append(s.train_labels[idx].to(self.device))
-        if self.trainer.first_step_at is None:
-            self.trainer.first_step_at = time.time()
+        self.trainer.mark_first_step()
         t0 = time.perf_counter()
         with self.trainer.accelerator.autocast():
             logits = self.forward(group, xs)
