@@ -62,6 +62,7 @@ from aullm.data.clips import ClipStore, test_frame_indices, train_frame_indices
 from aullm.data.folds import Split, label_matrix
 from aullm.errors import UserInputError
 from aullm.loss import AsymmetricLoss
+from aullm.model.projector import FeatureProjector
 from aullm.train import (
     CellResult,
     CellTrainer,
@@ -659,15 +660,9 @@ def _stacked_backbone(backbones: list[nn.Module], xs: list[Tensor], gens: list[t
     return f_mid, f_high
 
 
-def _stacked_projector(projectors: list[nn.Module], f_mid: Tensor, f_high: Tensor, gens: list[torch.Generator],
+def _stacked_projector(projectors: list[FeatureProjector], f_mid: Tensor, f_high: Tensor, gens: list[torch.Generator],
                        sizes: list[int]) -> Tensor:  # fmt: skip
-    p0 = projectors[0]
-    if p0.source == "mid":
-        x = f_mid
-    elif p0.source == "high":
-        x = f_high
-    else:
-        x = torch.cat([f_mid, f_high], dim=2)
+    x = projectors[0].features(f_mid, f_high)  # (K, n, D): every cell of a group reads the same features
     return _stacked_sequence([p.net for p in projectors], x, gens, sizes)
 
 
