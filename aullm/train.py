@@ -188,6 +188,8 @@ class CellResult:
     epoch_losses: list[float]
     timing: dict[str, float]
     start_epoch: int = 0  # > 0 when the cell resumed from a checkpoint
+    # CPU threads it ran with: on a CPU the last digits of a cell's numbers depend on it
+    torch_threads: int = 0
 
     @classmethod
     def of_test_split(cls, split: Split, probs: np.ndarray, epoch_losses: list[float], *, start_epoch: int,
@@ -210,6 +212,7 @@ class CellResult:
                 "llm_load_seconds": llm_load_seconds,
             },
             start_epoch=start_epoch,
+            torch_threads=torch.get_num_threads(),
         )
 
     def to_payload(self) -> dict[str, Any]:
@@ -224,6 +227,7 @@ class CellResult:
             "epoch_losses": [float(x) for x in self.epoch_losses],
             "timing": self.timing,
             "start_epoch": self.start_epoch,
+            "torch_threads": self.torch_threads,
         }
 
 
