@@ -63,6 +63,7 @@ from aullm.data.clips import ClipStore, test_frame_indices, train_frame_indices
 from aullm.data.folds import Split, label_matrix
 from aullm.errors import UserInputError
 from aullm.loss import AsymmetricLoss
+from aullm.model.projector import FeatureProjector
 from aullm.train import (
     CellResult,
     CellTrainer,
@@ -248,7 +249,7 @@ class ConcurrentTrainer:
             reduction=cfg.loss_reduction,
         )  # fmt: skip
         scale = 1.0 / 255.0 if cfg.pixel_scale == "unit" else 1.0
-        first_step_at = self.trainer.first_step_at
+        first_step_at, started = self.trainer.first_step_at, self.trainer.training_started.is_set()
         memory.settle()
         before = memory.allocated()
         memory.reset_peak()
@@ -265,6 +266,8 @@ class ConcurrentTrainer:
             self._release(states)
             del states
             self.trainer.first_step_at = first_step_at  # a measurement, not the task's training
+            if not started:
+                self.trainer.training_started.clear()
             memory.settle()
         return max(peak - before, 0) // 2
 
@@ -378,8 +381,7 @@ class ConcurrentTrainer:
                 clips = s.cell.store.batch(batch, lambda n: test_frame_indices(n, NUM_FRAMES))
             xs.append(torch.from_numpy(clips * scale).to(self.device))
             ys.append(s.train_labels[idx].to(self.device))
-        if self.trainer.first_step_at is None:
-            self.trainer.first_step_at = time.time()
+        self.trainer.mark_first_step()
         t0 = time.perf_counter()
         with self.trainer.accelerator.autocast():
             logits = self.forward(group, xs)
@@ -799,15 +801,9 @@ def _stacked_backbone(backbones: list[nn.Module], xs: list[Tensor], gens: list[t
     return f_mid, f_high
 
 
-def _stacked_projector(projectors: list[nn.Module], f_mid: Tensor, f_high: Tensor, gens: list[torch.Generator],
+def _stacked_projector(projectors: list[FeatureProjector], f_mid: Tensor, f_high: Tensor, gens: list[torch.Generator],
                        sizes: list[int]) -> Tensor:  # fmt: skip
-    p0 = projectors[0]
-    if p0.source == "mid":
-        x = f_mid
-    elif p0.source == "high":
-        x = f_high
-    else:
-        x = torch.cat([f_mid, f_high], dim=2)
+    x = projectors[0].features(f_mid, f_high)  # (K, n, D): every cell of a group reads the same features
     return _stacked_sequence([p.net for p in projectors], x, gens, sizes)
 
 

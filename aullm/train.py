@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -187,6 +188,8 @@ class CellResult:
     epoch_losses: list[float]
     timing: dict[str, float]
     start_epoch: int = 0  # > 0 when the cell resumed from a checkpoint
+    # CPU threads it ran with: on a CPU the last digits of a cell's numbers depend on it
+    torch_threads: int = 0
 
     @classmethod
     def of_test_split(cls, split: Split, probs: np.ndarray, epoch_losses: list[float], *, start_epoch: int,
@@ -209,6 +212,7 @@ class CellResult:
                 "llm_load_seconds": llm_load_seconds,
             },
             start_epoch=start_epoch,
+            torch_threads=torch.get_num_threads(),
         )
 
     def to_payload(self) -> dict[str, Any]:
@@ -223,6 +227,7 @@ class CellResult:
             "epoch_losses": [float(x) for x in self.epoch_losses],
             "timing": self.timing,
             "start_epoch": self.start_epoch,
+            "torch_threads": self.torch_threads,
         }
 
 
@@ -342,8 +347,10 @@ class CellTrainer:
         self.device = self.accelerator.device
         configure_determinism(self.device.type)
         # time.time() when this trainer's first training step began (the task's first step:
-        # the trainer lives as long as the task); what start-up costs is measured up to it
+        # the trainer lives as long as the task); what start-up costs is measured up to it.
+        # The event lets work the first step does not need (the MLflow start) wait for it.
         self.first_step_at: float | None = None
+        self.training_started = threading.Event()
         t0 = time.perf_counter()
         self.llm = None
         if self.llm_path is not None:
@@ -357,6 +364,11 @@ class CellTrainer:
             )
             self.llm.to(self.device)
         self.load_seconds = time.perf_counter() - t0
+
+    def mark_first_step(self) -> None:
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+            self.training_started.set()
 
     @staticmethod
     def _accelerator_kwargs(config: TrainConfig) -> dict[str, Any]:
@@ -476,8 +488,7 @@ class CellTrainer:
                         clips = store.batch(batch_samples, lambda n: test_frame_indices(n, NUM_FRAMES))
                     x = torch.from_numpy(clips * scale).to(self.device)
                     y = train_labels[idx].to(self.device)
-                    if self.first_step_at is None:
-                        self.first_step_at = time.time()
+                    self.mark_first_step()
                     t0 = time.perf_counter()
                     with self.accelerator.autocast():
                         logits = model(x)

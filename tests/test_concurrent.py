@@ -197,3 +197,25 @@ def test_concurrent_cells_knob_is_validated() -> None:
         ResourcesSpec(concurrent_cells=0)
     with pytest.raises(ValidationError, match="concurrent cells train in one process"):
         ResourcesSpec(concurrent_cells=2, processes_per_task=2, executor="local")
+
+
+def test_stacked_visual_modules_compute_the_cells_alone(data, trainers, alone, monkeypatch) -> None:
+    """VISUAL_MODE "batched" (grouped Conv3d, stacked projector and head weights) computes
+    the same cells: within 1e-3, not 1e-5, because oneDNN's grouped Conv3d sums in another
+    order (docs/concurrent.md) and Adam carries that through the epochs. A projector that
+    reads the wrong features (mutation: F_high for F_mid and F_high together) is far off."""
+    _, conc = trainers
+    monkeypatch.setattr(concurrent, "VISUAL_MODE", "batched")
+    worst = _largest_difference(conc.run([_cell(data, i, s) for i, s in CELLS], _config(0.0)), alone)
+    print(f"K=3, stacked visual modules vs alone: largest difference {worst:.3g}")
+    assert worst <= 1e-3
+
+    from aullm.model.projector import FeatureProjector
+
+    def without_f_mid(self, f_mid, f_high):  # 'all' reads both: F_mid zeroed, F_high kept
+        return torch.cat([torch.zeros_like(f_mid), f_high], dim=-1)
+
+    monkeypatch.setattr(FeatureProjector, "features", without_f_mid)  # the reference cells were trained before
+    mutated = _largest_difference(conc.run([_cell(data, i, s) for i, s in CELLS], _config(0.0)), alone)
+    print(f"K=3, stacked, projector without F_mid (mutation) vs alone: {mutated:.3g}")
+    assert mutated > 1e-2

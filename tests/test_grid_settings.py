@@ -156,6 +156,9 @@ def test_the_same_sweep_on_slurm(dev_slurm: ClusterInfo, local: tuple[Path, Path
     # the same cells as the local run (ids name the settings), trained the same way
     reference = cell_predictions(local[1])
     assert sorted(slurm) == sorted(reference)
+    # both ran with cpus_per_task threads (1): a CPU cell's last digits depend on the count
+    threads = {json.loads(p.read_text())["torch_threads"] for o in (out, local[1]) for p in result_files(o)}
+    assert threads == {1}, threads
     for cid, pred in slurm.items():
         np.testing.assert_allclose(pred["probs"], reference[cid]["probs"], rtol=0, atol=1e-6)
     again = run_cli("submit", sweep_file, "--json").check().json()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import secrets
 import shlex
 import stat
@@ -254,6 +255,10 @@ def test_jobs_run_the_submitters_python_offline_in_private_folders(slurm_run: Sl
         # the task summary line: no DeepSpeed import unless a sweep configures it (5 s per task)
         assert "deepspeed imported: no" in text, log
         assert "Traceback" not in text, log
+        # and how long its start-up took (bench/bench_overhead.py reads the same line)
+        first_step = re.search(r"first training step ([0-9.]+) s after the process started", text)
+        assert first_step, log
+        print(f"{log.name}: first training step {first_step.group(1)} s after the process started")
 
 
 @e2e

@@ -61,14 +61,17 @@ class FeatureProjector(nn.Module):
         self.in_dim = in_dim
         self.out_dim = out_dim
 
-    def forward(self, f_mid: Tensor, f_high: Tensor) -> Tensor:
+    def features(self, f_mid: Tensor, f_high: Tensor) -> Tensor:
+        """What `net` reads: F_mid, F_high or both side by side (on the last axis, so a
+        stack of K cells' features, (K, B, D), selects alike)."""
         if self.source == "mid":
-            x = f_mid
-        elif self.source == "high":
-            x = f_high
-        else:
-            x = torch.cat([f_mid, f_high], dim=1)
-        return self.net(x)
+            return f_mid
+        if self.source == "high":
+            return f_high
+        return torch.cat([f_mid, f_high], dim=-1)
+
+    def forward(self, f_mid: Tensor, f_high: Tensor) -> Tensor:
+        return self.net(self.features(f_mid, f_high))
 
 
 def efp_mlp(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:

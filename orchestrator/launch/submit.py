@@ -314,9 +314,10 @@ def submit_local(spec: Any, sweep: SweepDir, plan: Plan) -> dict[str, Any]:
     )
     log = open(sweep.path / "logs" / f"{batch_id}.supervisor.log", "ab")
     env = {**os.environ, **JOB_ENV}
-    # share this machine's cores between the processes that run at once (torch would give each all of them)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // (spec.resources.max_local_workers * processes))))
+    # Each process gets cpus_per_task threads, as a Slurm task does: a CPU cell's floating-point
+    # sums depend on the thread count (oneDNN splits its reductions by thread), so a cell
+    # trained here matches the same cell trained on Slurm only with the same count.
+    env.setdefault("OMP_NUM_THREADS", str(spec.resources.cpus_per_task))
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.local_supervisor", str(sweep.path), str(batch_file)],
         stdout=log,
