@@ -609,8 +609,9 @@ def _run_concurrent(sweep: SweepDir, manifest: dict, cells: list[Cell], configs:
 def _auto_k(conc: Any, members: list[Cell], configs: dict[str, Any], datasets: DatasetCache,
             chosen: dict[str, str]) -> int:  # fmt: skip
     """K for one loop's cells still to train (one variant, one setting) under `auto` on a
-    GPU: measured (aullm/concurrent.py, `ConcurrentTrainer.choose_k`), logged in one line. A measurement that fails (a cell that does not fit even alone, bad data) gives
-    1: the one-by-one loop then trains, or fails, each cell with its own error."""
+    GPU: measured (aullm/concurrent.py, `ConcurrentTrainer.choose_k`), logged in one line.
+    A measurement that fails (a cell that does not fit even alone, bad data) gives 1: the
+    one-by-one loop then trains, or fails, each cell with its own error."""
     from aullm.concurrent import ConcurrentCell
 
     what = f"{members[0].variant}, {len(members)} cells to train"
