@@ -249,7 +249,6 @@ class ConcurrentTrainer:
             reduction=cfg.loss_reduction,
         )  # fmt: skip
         scale = 1.0 / 255.0 if cfg.pixel_scale == "unit" else 1.0
-        first_step_at, started = self.trainer.first_step_at, self.trainer.training_started.is_set()
         memory.settle()
         before = memory.allocated()
         memory.reset_peak()
@@ -260,14 +259,13 @@ class ConcurrentTrainer:
                 s.order = s.sampling_rng.permutation(len(s.cell.split.train))
             del s  # else the last cell's model outlives the measurement and the free memory reads less
             for _ in range(2):
-                self._step(states, 0, cfg, scale, loss_fn)  # the first batch twice: a fold may have one
+                # the first batch twice (a fold may have one); a measurement, not the task's
+                # first training step: MLflow runs and the start-up figure wait for that one
+                self._step(states, 0, cfg, scale, loss_fn, first_step=False)
             peak = memory.peak()
         finally:
             self._release(states)
             del states
-            self.trainer.first_step_at = first_step_at  # a measurement, not the task's training
-            if not started:
-                self.trainer.training_started.clear()
             memory.settle()
         return max(peak - before, 0) // 2
 
@@ -370,7 +368,8 @@ class ConcurrentTrainer:
             self._release(states)
         return results
 
-    def _step(self, group: list[_State], step: int, cfg: TrainConfig, scale: float, loss_fn: AsymmetricLoss) -> None:
+    def _step(self, group: list[_State], step: int, cfg: TrainConfig, scale: float, loss_fn: AsymmetricLoss,
+              *, first_step: bool = True) -> None:  # fmt: skip
         xs, ys = [], []
         for s in group:
             idx = s.order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
@@ -381,7 +380,8 @@ class ConcurrentTrainer:
                 clips = s.cell.store.batch(batch, lambda n: test_frame_indices(n, NUM_FRAMES))
             xs.append(torch.from_numpy(clips * scale).to(self.device))
             ys.append(s.train_labels[idx].to(self.device))
-        self.trainer.mark_first_step()
+        if first_step:
+            self.trainer.mark_first_step()
         t0 = time.perf_counter()
         with self.trainer.accelerator.autocast():
             logits = self.forward(group, xs)
