@@ -67,7 +67,10 @@ def _pooled_auc(probs: np.ndarray, labels: np.ndarray) -> float:
 def test_learns_synthetic_au_motion_better_than_controls(casme2_many_subjects, tiny_llm, recipe, variant):
     """LOSO over a few folds: clearly better than a constant predictor and than a
     shuffled-label control trained the same way, under each recipe, with and without
-    the LLM. 40 epochs at lr 1e-3 stand in for the paper's 350 at 3e-5 on the CPU.
+    the LLM. 20 epochs of mini-batches of 32 at lr 1e-3 stand in for the paper's 350 full
+    batches at 3e-5 on the CPU: 60 steps where 40 full batches took 1.6x the time
+    (measured alone: 339 s against 551 s, the same margins met with room; at 15 epochs
+    paper/all fell to F1 0.375, under its bar).
 
     Paper recipe: pooled binary F1 at the fixed 0.5 threshold, the headline protocol. It
     passes because each cell recomputes BatchNorm statistics over its training clips
@@ -84,7 +87,7 @@ def test_learns_synthetic_au_motion_better_than_controls(casme2_many_subjects, t
     """
     samples, store = casme2_many_subjects
     # the visual token appended after the prompt, as the script, in both (it learns faster here)
-    config = TrainConfig(recipe=recipe, epochs=40, lr=1e-3, token_position="append")
+    config = TrainConfig(recipe=recipe, epochs=20, batch_size=32, lr=1e-3, token_position="append")
     trainer = CellTrainer(tiny_llm if variant != "no_llm" else None, config)
     real, shuffled, labels = [], [], []
     for subject in loso_subjects(samples)[:3]:
