@@ -51,9 +51,11 @@ def _config(dropout: float) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def trainers(tiny_llm: Path):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one reduction order everywhere
     trainer = CellTrainer(tiny_llm, _config(0.0))
-    return trainer, ConcurrentTrainer(trainer)
+    yield trainer, ConcurrentTrainer(trainer)
+    torch.set_num_threads(threads)  # the modules after this one train with every core again
 
 
 # fold index, seed: three folds of different sizes, two sharing nothing with the first

@@ -162,9 +162,11 @@ def _cell(data, index: int, seed: int) -> ConcurrentCell:
 
 @pytest.fixture(scope="module")
 def trainers(tiny_llm: Path):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one reduction order everywhere
     trainer = CellTrainer(tiny_llm, _config())
-    return trainer, ConcurrentTrainer(trainer)
+    yield trainer, ConcurrentTrainer(trainer)
+    torch.set_num_threads(threads)  # the modules after this one train with every core again
 
 
 def test_measurement_trains_the_two_biggest_cells_and_halves_their_peak(data, trainers, monkeypatch) -> None:
