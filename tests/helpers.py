@@ -21,6 +21,8 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,3 +323,17 @@ def shared_local_run(tmp_root_factory: Any) -> LocalRun:
         submit = run_cli("submit", sweep_file, "--wait", timeout_s=900)
         _SHARED["local"] = LocalRun(sweep_file, out_dir, submit)
     return _SHARED["local"]
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread inside the block, so every run in it sums in one reduction order;
+    the count before it is restored after, or each test module after it trains on one core."""
+    import torch  # not at the top: most users of this module never train in-process
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -22,6 +22,7 @@ from aullm.data.folds import loso_split, loso_subjects
 from aullm.data.readers import read_dataset
 from aullm.errors import UserInputError
 from aullm.train import CellTrainer, Preempted, TrainConfig
+from tests.helpers import one_torch_thread
 
 TOL = 1e-5  # the bound, CPU fp32
 EPOCHS = 2
@@ -51,11 +52,9 @@ def _config(dropout: float) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def trainers(tiny_llm: Path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one reduction order everywhere
-    trainer = CellTrainer(tiny_llm, _config(0.0))
-    yield trainer, ConcurrentTrainer(trainer)
-    torch.set_num_threads(threads)  # the modules after this one train with every core again
+    with one_torch_thread():
+        trainer = CellTrainer(tiny_llm, _config(0.0))
+        yield trainer, ConcurrentTrainer(trainer)
 
 
 # fold index, seed: three folds of different sizes, two sharing nothing with the first

@@ -28,6 +28,7 @@ from aullm.data.clips import ClipStore
 from aullm.data.folds import loso_split, loso_subjects
 from aullm.data.readers import read_dataset
 from aullm.train import CellTrainer, TrainConfig
+from tests.helpers import one_torch_thread
 
 # (case, free bytes, per-cell bytes, cells in the loop, usable fraction, cap, K)
 CHOOSER_CASES = [
@@ -162,11 +163,9 @@ def _cell(data, index: int, seed: int) -> ConcurrentCell:
 
 @pytest.fixture(scope="module")
 def trainers(tiny_llm: Path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one reduction order everywhere
-    trainer = CellTrainer(tiny_llm, _config())
-    yield trainer, ConcurrentTrainer(trainer)
-    torch.set_num_threads(threads)  # the modules after this one train with every core again
+    with one_torch_thread():
+        trainer = CellTrainer(tiny_llm, _config())
+        yield trainer, ConcurrentTrainer(trainer)
 
 
 def test_measurement_trains_the_two_biggest_cells_and_halves_their_peak(data, trainers, monkeypatch) -> None:
