@@ -430,13 +430,17 @@ class CellTrainer:
             raise UserInputError(f"fold '{split.name}' has no {'training' if not split.train else 'test'} samples")
 
         t_start = time.perf_counter()
-        _freeze_what_outlives_cells()
-        seed_everything(seed)
         if needs_llm:
             from aullm.model.llm import LoraSettings
 
-            # a task packs cells that may sweep the LoRA settings: the adapters follow the cell
+            # A task packs cells that may sweep the LoRA settings: the adapters follow the cell.
+            # Before the seed: new adapters draw their init from the global RNG, and a draw
+            # after it would give this cell another model init whenever the cell before it in
+            # the pack had other LoRA settings (a fresh process builds the trainer's own).
             self.llm.use_lora(LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout))
+        _freeze_what_outlives_cells()
+        seed_everything(seed)
+        if needs_llm:
             self.llm.reset_adapters(seed)
         # every ModelSettings field has its namesake in TrainConfig
         settings = ModelSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelSettings)})
