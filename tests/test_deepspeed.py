@@ -45,6 +45,7 @@ from tests.helpers import (
     result_files,
     run_cli,
     shared_assets,
+    shared_local_run,
     submit_and_wait,
     sweep_dict,
     wait_all_finished,
@@ -309,8 +310,9 @@ E2E_VARIANTS = ["all", "f_mid"]
 def _e2e_sweep(root: Path, assets: GridAssets, *, executor: str, processes: int, deepspeed: bool = True,
                demo: bool = False) -> Path:
     """A DeepSpeed sweep: the demo's shape (14 cells) or 4 CASME II cells (2 folds x 2 variants)."""
+    # the demo's shape runs two one-process tasks at a time, as the demo does (2 cores)
     spec = sweep_dict(assets, output_dir=root / "out", name=f"ds-{executor}-{processes}", executor=executor,
-                      cells_per_task=3 if demo else 2, array_parallelism=1, max_local_workers=1, epochs=2,
+                      cells_per_task=3 if demo else 2, array_parallelism=1, max_local_workers=2 if demo else 1, epochs=2,
                       mem="3500M", time_min=20, processes_per_task=processes,
                       cross_domain_variants=("all", "no_llm") if demo else ())  # fmt: skip
     if not demo:
@@ -349,15 +351,23 @@ def reference4(assets: GridAssets, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.mark.slow
-def test_demo_sweep_under_zero2_finishes_every_cell_on_the_local_executor(assets: GridAssets, tmp_path: Path) -> None:
+def test_demo_sweep_under_zero2_finishes_every_cell_on_the_local_executor(
+    assets: GridAssets, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """The done-criterion of issue 17: the demo's shape with `deepspeed: zero2`, one process
-    per task, every cell done; equal to the same sweep without DeepSpeed."""
+    per task, every cell done; equal to the same sweep without DeepSpeed. The reference is
+    the plain demo-shaped sweep of tests/test_grid_local.py (the same cells, data, LLM and
+    training settings; run once per test process and shared), not a second copy of it."""
     t0 = time.monotonic()
     sweep = _e2e_sweep(tmp_path / "ds", assets, executor="local", processes=1, demo=True)
     run_cli("submit", sweep, "--wait", timeout_s=SWEEP_TIMEOUT_S).check()
-    reference = _e2e_sweep(tmp_path / "plain", assets, executor="debug", processes=1, deepspeed=False, demo=True)
-    run_cli("submit", reference, "--json", timeout_s=SWEEP_TIMEOUT_S).check()
-    worst = _assert_done_and_equal(sweep.parent / "out", reference.parent / "out", world_size=1)
+    reference = shared_local_run(tmp_path_factory)
+    reference.submit.check()
+    ours, theirs = (yaml.safe_load(p.read_text()) for p in (sweep, reference.sweep_file))
+    for field in ("datasets", "llms", "seeds", "grid"):  # the same cells, or equality means nothing
+        assert ours[field] == theirs[field], field
+    assert {**ours["training"], "deepspeed": None} == {**theirs["training"], "deepspeed": None}
+    worst = _assert_done_and_equal(sweep.parent / "out", reference.out_dir, world_size=1)
     print(f"\n[deepspeed] demo sweep, local, 1 process: {len(manifest_cell_ids(sweep.parent / 'out'))} cells done "
           f"in {time.monotonic() - t0:.0f} s; largest difference to plain {worst:.1e}")
 
