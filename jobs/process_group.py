@@ -3,7 +3,8 @@
 A sweep with `resources.processes_per_task: N` gets N processes per array task on one
 node (srun starts them on Slurm, submitit's LocalExecutor on a laptop), one per GPU.
 `join_task_processes` turns what submitit knows about them into a torch process group
-(the env:// variables Accelerate reads, then `init_process_group`).
+(the env:// variables Accelerate reads, a TCPStore on a port rank 0 is given by the OS,
+then `init_process_group`).
 
 How the processes share the work: each one trains every cell of the pack on the whole
 training split (one full batch, as the paper), with the same seeds, so they compute the
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -33,6 +36,10 @@ INHERITED_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "
 # Collectives wait while rank 0 alone writes results or talks to MLflow (whose file locks
 # may wait up to 10 minutes): the group must outlast that, or a slow disk kills a task.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+# How long the processes of a task wait for each other when they start (rank 0 publishing
+# its store's port, the others connecting): a rank that never comes fails the task within
+# minutes instead of holding its GPUs for COLLECTIVE_TIMEOUT.
+RENDEZVOUS_TIMEOUT = datetime.timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -113,17 +120,58 @@ def join_task_processes() -> TaskProcesses:
     import torch.distributed as dist
     from submitit.helpers import TorchDistributedEnvironment
 
-    # MASTER_ADDR is the job's first node, MASTER_PORT a port drawn from the job id (so
-    # array tasks sharing a node do not collide), RANK/WORLD_SIZE/LOCAL_RANK from Slurm.
+    # MASTER_ADDR is the job's first node, RANK/WORLD_SIZE/LOCAL_RANK from Slurm; the port is
+    # rank 0's store's, found through the job folder (`rendezvous_store`).
     # CUDA_VISIBLE_DEVICES is left as Slurm set it: replacing it by the bare local rank
     # would pick another job's GPU on a node without device cgroups; Accelerate picks
     # device local_rank among the visible ones instead.
     env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    store = rendezvous_store(Path(job_env.paths.folder), rendezvous_key(str(job_env.job_id)),
+                             rank=env.rank, world_size=env.world_size, host=env.master_addr)  # fmt: skip
+    os.environ["MASTER_PORT"] = str(store.port)  # the port really used, for whatever reads the variable
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         # NCCL for the gradients on the GPUs, gloo for the small CPU messages of `share`/`gather`
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
+    store.set_timeout(COLLECTIVE_TIMEOUT)  # from here on, waits are those of the collectives
+    dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size,
+                            timeout=COLLECTIVE_TIMEOUT)  # fmt: skip
     return TaskProcesses(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank)
+
+
+def rendezvous_key(job_id: str) -> str:
+    """The name of this attempt's rendezvous: the job id (array tasks: `<array>_<task>`) and
+    Slurm's restart count, so a requeued task never reads its previous attempt's port."""
+    return f"{job_id}.{os.environ.get('SLURM_RESTART_COUNT', '0')}.rendezvous"
+
+
+def rendezvous_store(folder: Path, key: str, *, rank: int, world_size: int, host: str,
+                     timeout: datetime.timedelta = RENDEZVOUS_TIMEOUT) -> Any:  # fmt: skip
+    """The task's TCPStore, through which its processes find each other.
+
+    Rank 0 listens on a port the OS hands out (free by construction) and writes it to
+    `folder/<key>.port`; the other ranks read that file and connect. Not a port drawn from
+    the job id, submitit's default: its range (20000-60000) overlaps Linux's ephemeral ports,
+    so on a busy node the port could already be taken. Rank 0 then died of EADDRINUSE and
+    the other ranks waited for it until the collective timeout (seen on this project's
+    2-core machine under load). The processes of a task share one node, hence the folder.
+    """
+    import torch.distributed as dist
+
+    path = folder / f"{key}.port"
+    if rank == 0:
+        store = dist.TCPStore(host, 0, world_size, True, timeout=timeout, wait_for_workers=False)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(str(store.port))
+        os.replace(tmp, path)  # the others never read half a number
+        return store
+    deadline = time.monotonic() + timeout.total_seconds()
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: rank 0 of this task did not publish its port in {path} "
+                               f"within {timeout.total_seconds():.0f} s")  # fmt: skip
+        time.sleep(0.1)
+    port = int(path.read_text())
+    return dist.TCPStore(host, port, world_size, False, timeout=timeout)

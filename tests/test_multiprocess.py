@@ -160,6 +160,64 @@ def test_a_gpu_profile_leaves_the_process_count_to_the_sweep(tmp_path: Path) -> 
     assert ResourcesSpec(executor="local", processes_per_task=3).gpus_per_task is None
 
 
+# ------------------------------------------------------------------ rendezvous (fast, threads)
+
+
+def _both_ranks(folder: Path, key: str) -> list[Any]:
+    """Ranks 1 and 0 of a 2-process task as threads, rank 1 first (it waits for rank 0's port)."""
+    import threading
+
+    from jobs.process_group import rendezvous_store
+
+    stores: list[Any] = [None, None]
+
+    def join(rank: int) -> None:
+        stores[rank] = rendezvous_store(folder, key, rank=rank, world_size=2, host="127.0.0.1")
+
+    threads = [threading.Thread(target=join, args=(rank,)) for rank in (1, 0)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    for t in threads:
+        t.join(timeout=60)
+    return stores
+
+
+def test_the_ranks_of_a_task_find_each_other_through_its_folder(tmp_path: Path) -> None:
+    """Rank 0 listens on a port the OS gives it (not one drawn from the job id, which a busy
+    node may already use) and publishes it in the job folder; rank 1 connects to it."""
+    stores = _both_ranks(tmp_path, "7_1.0.rendezvous")
+    assert stores[0] is not None and stores[1] is not None
+    assert stores[1].port == stores[0].port == int((tmp_path / "7_1.0.rendezvous.port").read_text())
+    stores[0].set("from-rank-0", "hello")
+    assert stores[1].get("from-rank-0") == b"hello"
+
+
+def test_a_requeued_task_never_reads_its_previous_attempts_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slurm's restart count names the attempt: the first attempt's file (its store long gone:
+    a dead port here) is not what the requeued ranks read."""
+    from jobs.process_group import rendezvous_key
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    first = rendezvous_key("7_1")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    second = rendezvous_key("7_1")
+    assert first != second and "7_1" in first and "7_1" in second
+    (tmp_path / f"{first}.port").write_text("1")  # nothing listens on port 1
+    stores = _both_ranks(tmp_path, second)
+    assert stores[1] is not None and stores[1].port == stores[0].port != 1
+
+
+def test_a_rank_whose_rank_0_never_comes_fails_naming_the_file(tmp_path: Path) -> None:
+    import datetime
+
+    from jobs.process_group import rendezvous_store
+
+    with pytest.raises(TimeoutError, match="did not publish its port in .*7_1.0.rendezvous.port within 1 s"):
+        rendezvous_store(tmp_path, "7_1.0.rendezvous", rank=1, world_size=2, host="127.0.0.1",
+                         timeout=datetime.timedelta(seconds=1))  # fmt: skip
+
+
 # ------------------------------------------------------------------ end to end
 
 
