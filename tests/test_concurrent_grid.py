@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import GridAssets, cell_predictions, manifest_cell_ids, result_files, run_cli, shared_assets, sweep_dict
+from tests.helpers import (
+    GridAssets,
+    cell_predictions,
+    manifest_cell_ids,
+    result_files,
+    run_cli,
+    shared_assets,
+    shared_local_run,
+    sweep_dict,
+)
 
 TOL = 1e-5
 
@@ -42,29 +51,36 @@ def _largest_difference(a: dict, b: dict) -> float:
 
 @pytest.mark.slow
 def test_a_concurrent_task_writes_the_one_by_one_results(
-    assets: GridAssets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    assets: GridAssets, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # thread counts change float sums
-    # the reference: `auto`, which a CPU task resolves to 1 (one by one), and says so per cell
-    one_by_one = _run(tmp_path / "k1", assets, "auto")
-    reference = [json.loads(p.read_text()) for p in result_files(one_by_one)]
+    # The reference: these three cells in the plain demo-shaped sweep of tests/test_grid_local.py
+    # (run once per test process and shared; one thread per task, the three packed in one
+    # task), under `auto`, which a CPU task resolves to 1 (one by one) and says so per cell.
+    together = _run(tmp_path / "k3", assets, 3)
+    shared = shared_local_run(tmp_path_factory)
+    shared.submit.check()
+    assert yaml.safe_load(shared.sweep_file.read_text())["training"] == yaml.safe_load(
+        (tmp_path / "k3" / "sweep.yaml").read_text())["training"]  # fmt: skip
+    ids = set(manifest_cell_ids(together))
+    reference = [p for p in (json.loads(f.read_text()) for f in result_files(shared.out_dir)) if p["cell_id"] in ids]
     assert len(reference) == 3 and {p["status"] for p in reference} == {"done"}
     assert {p.get("concurrent_cells_auto") for p in reference} == {"1 (CPU)"}
     assert {p.get("concurrent_cells") for p in reference} == {None}  # no concurrent loop ran
-    together = _run(tmp_path / "k3", assets, 3)
+    one_by_one = {cid: pred for cid, pred in cell_predictions(shared.out_dir).items() if cid in ids}
     payloads = [json.loads(p.read_text()) for p in result_files(together)]
     assert len(payloads) == 3 and sorted(p["cell_id"] for p in payloads) == sorted(manifest_cell_ids(together))
     assert {p["status"] for p in payloads} == {"done"}
     assert {p.get("concurrent_cells") for p in payloads} == {3}  # the three really shared one loop
     assert {p.get("concurrent_cells_auto") for p in payloads} == {None}  # K was set, not chosen
-    worst = _largest_difference(cell_predictions(together), cell_predictions(one_by_one))
+    worst = _largest_difference(cell_predictions(together), one_by_one)
     print(f"\n[concurrent] K=3 task vs one by one: largest probability difference {worst:.1e}")
     assert worst <= TOL
 
     # mutation check: adapters shared across the loop's cells (test-only hook) must show
     monkeypatch.setenv("AULLM_TEST_SHARE_ADAPTERS", "1")
-    shared = _run(tmp_path / "k3-shared", assets, 3)
-    assert _largest_difference(cell_predictions(shared), cell_predictions(one_by_one)) > 100 * TOL
+    mutated = _run(tmp_path / "k3-shared", assets, 3)
+    assert _largest_difference(cell_predictions(mutated), one_by_one) > 100 * TOL
 
 
 @pytest.mark.slow
