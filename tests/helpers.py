@@ -325,6 +325,43 @@ def shared_local_run(tmp_root_factory: Any) -> LocalRun:
     return _SHARED["local"]
 
 
+TWO_FOLDS = ["sub01", "sub02"]  # of the 3-subject synthetic CASME II
+TWO_VARIANTS = ["all", "f_mid"]  # LoRA; f_mid leaves F_high's layer without a gradient
+
+
+def two_fold_sweep(assets: GridAssets, root: Path, *, executor: str, processes: int = 1, epochs: int = 2,
+                   name: str = "two-fold", **kwargs: Any) -> Path:  # fmt: skip
+    """CASME II folds TWO_FOLDS x TWO_VARIANTS (4 cells, 2 per task, one task at a time): the
+    sweep of the multi-process and DeepSpeed end-to-end tests; `kwargs` go to `sweep_dict`."""
+    options: dict[str, Any] = {"cells_per_task": 2, "array_parallelism": 1, "max_local_workers": 1, "mem": "3500M"}
+    spec = sweep_dict(assets, output_dir=root / "out", name=name, executor=executor, epochs=epochs, time_min=20,
+                      cross_domain_variants=(), processes_per_task=processes, **{**options, **kwargs})  # fmt: skip
+    spec["datasets"]["casme2"]["folds"] = list(TWO_FOLDS)
+    spec["grid"] = [{"protocol": "loso", "datasets": ["casme2"], "variants": list(TWO_VARIANTS)}]
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def shared_two_fold_reference(tmp_root_factory: Any) -> Path:
+    """The output folder of `two_fold_sweep` trained in one process (the debug executor, inside
+    the CLI), once per test process: the reference the multi-process and DeepSpeed tasks must
+    equal. Its callers run with OMP_NUM_THREADS=1 (thread counts change float sums)."""
+    if os.environ.get("OMP_NUM_THREADS") != "1":
+        raise RuntimeError("shared_two_fold_reference: set OMP_NUM_THREADS=1 first (one thread, as the tasks compared to it)")
+    if "two-fold" not in _SHARED:
+        sweep = two_fold_sweep(shared_assets(tmp_root_factory), tmp_root_factory.mktemp("two-fold-reference"),
+                               executor="debug", name="two-fold-reference")  # fmt: skip
+        run_cli("submit", sweep, "--json", timeout_s=900).check()
+        out = sweep.parent / "out"
+        payloads = assert_every_cell_done_once(out)
+        assert len(payloads) == len(TWO_FOLDS) * len(TWO_VARIANTS)
+        assert {p["world_size"] for p in payloads.values()} == {1}
+        _SHARED["two-fold"] = out
+    return _SHARED["two-fold"]
+
+
 @contextmanager
 def one_torch_thread() -> Iterator[None]:
     """One torch thread inside the block, so every run in it sums in one reduction order;

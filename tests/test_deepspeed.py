@@ -37,6 +37,8 @@ import yaml
 
 from tests.helpers import (
     CLI_ENV,
+    TWO_FOLDS,
+    TWO_VARIANTS,
     GridAssets,
     array_submission_script,
     cell_predictions,
@@ -46,6 +48,7 @@ from tests.helpers import (
     run_cli,
     shared_assets,
     shared_local_run,
+    shared_two_fold_reference,
     submit_and_wait,
     sweep_dict,
     wait_all_finished,
@@ -303,10 +306,6 @@ def test_two_processes_equal_plain_and_resume_from_their_shards(
 
 # ------------------------------------------------------------------ end to end: local executor and Slurm
 
-FOLDS = ["sub01", "sub02"]
-E2E_VARIANTS = ["all", "f_mid"]
-
-
 def _e2e_sweep(root: Path, assets: GridAssets, *, executor: str, processes: int, deepspeed: bool = True,
                demo: bool = False) -> Path:
     """A DeepSpeed sweep: the demo's shape (14 cells) or 4 CASME II cells (2 folds x 2 variants)."""
@@ -316,8 +315,8 @@ def _e2e_sweep(root: Path, assets: GridAssets, *, executor: str, processes: int,
                       mem="3500M", time_min=20, processes_per_task=processes,
                       cross_domain_variants=("all", "no_llm") if demo else ())  # fmt: skip
     if not demo:
-        spec["datasets"]["casme2"]["folds"] = FOLDS
-        spec["grid"] = [{"protocol": "loso", "datasets": ["casme2"], "variants": E2E_VARIANTS}]
+        spec["datasets"]["casme2"]["folds"] = TWO_FOLDS
+        spec["grid"] = [{"protocol": "loso", "datasets": ["casme2"], "variants": TWO_VARIANTS}]
     if deepspeed:
         spec["training"]["deepspeed"] = "zero2"
     root.mkdir(parents=True, exist_ok=True)
@@ -343,11 +342,10 @@ def _assert_done_and_equal(out: Path, reference: Path, *, world_size: int) -> fl
 
 
 @pytest.fixture(scope="module")
-def reference4(assets: GridAssets, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The 4-cell sweep without DeepSpeed, one process (debug executor, inside the CLI)."""
-    sweep = _e2e_sweep(tmp_path_factory.mktemp("ds-ref4"), assets, executor="debug", processes=1, deepspeed=False)
-    run_cli("submit", sweep, "--json", timeout_s=SWEEP_TIMEOUT_S).check()
-    return sweep.parent / "out"
+def reference4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 4-cell sweep without DeepSpeed, one process (debug executor, inside the CLI); shared
+    with tests/test_multiprocess.py."""
+    return shared_two_fold_reference(tmp_path_factory)
 
 
 @pytest.mark.slow

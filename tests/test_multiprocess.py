@@ -34,6 +34,8 @@ from orchestrator.ledger import SweepDir
 from orchestrator.sweep.spec import ResourcesSpec, load_sweep
 from orchestrator.launch.submit import slurm_parameters
 from tests.helpers import (
+    TWO_FOLDS,
+    TWO_VARIANTS,
     GridAssets,
     array_submission_script,
     assert_every_cell_done_once,
@@ -41,6 +43,7 @@ from tests.helpers import (
     epochs_reported,
     fail_unless_the_node_fits,
     run_cli,
+    shared_two_fold_reference,
     shared_assets,
     submit_and_wait,
     sweep_dict,
@@ -49,8 +52,8 @@ from tests.helpers import (
 from tests.slurm_cluster import ClusterInfo, dev_slurm  # noqa: F401 - the session fixture
 
 PROCESSES = 2
-FOLDS = ["sub01", "sub02"]  # of the 3-subject synthetic CASME II
-VARIANTS = ["all", "f_mid"]  # LoRA through DDP; f_mid leaves F_high's layer without a gradient
+FOLDS = TWO_FOLDS  # sub01, sub02 of the 3-subject synthetic CASME II
+VARIANTS = TWO_VARIANTS  # all, f_mid: LoRA through DDP; f_mid leaves F_high's layer without a gradient
 EPOCHS = 2
 PREEMPT_EPOCHS = 20  # long enough to be caught mid-training
 SWEEP_TIMEOUT_S = 900
@@ -237,9 +240,10 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> GridAssets:
 
 
 @pytest.fixture(scope="module")
-def reference(assets: GridAssets, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The 4-cell sweep trained in one process (the debug executor, inside the CLI)."""
-    return _submit_reference(_sweep_file(tmp_path_factory.mktemp("mp-reference"), assets, executor="debug", processes=1))
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 4-cell sweep trained in one process (the debug executor, inside the CLI); shared
+    with tests/test_deepspeed.py."""
+    return shared_two_fold_reference(tmp_path_factory)
 
 
 @pytest.mark.slow
