@@ -326,18 +326,21 @@ def shared_local_run(tmp_root_factory: Any) -> LocalRun:
 
 
 TWO_FOLDS = ["sub01", "sub02"]  # of the 3-subject synthetic CASME II
-TWO_VARIANTS = ["all", "f_mid"]  # LoRA; f_mid leaves F_high's layer without a gradient
+TWO_VARIANTS = ["all", "f_mid"]  # LoRA (through DDP or ZeRO-2 in those tests); f_mid leaves F_high's layer without a gradient
 
 
 def two_fold_sweep(assets: GridAssets, root: Path, *, executor: str, processes: int = 1, epochs: int = 2,
-                   name: str = "two-fold", **kwargs: Any) -> Path:  # fmt: skip
-    """CASME II folds TWO_FOLDS x TWO_VARIANTS (4 cells, 2 per task, one task at a time): the
-    sweep of the multi-process and DeepSpeed end-to-end tests; `kwargs` go to `sweep_dict`."""
-    options: dict[str, Any] = {"cells_per_task": 2, "array_parallelism": 1, "max_local_workers": 1, "mem": "3500M"}
-    spec = sweep_dict(assets, output_dir=root / "out", name=name, executor=executor, epochs=epochs, time_min=20,
-                      cross_domain_variants=(), processes_per_task=processes, **{**options, **kwargs})  # fmt: skip
-    spec["datasets"]["casme2"]["folds"] = list(TWO_FOLDS)
-    spec["grid"] = [{"protocol": "loso", "datasets": ["casme2"], "variants": list(TWO_VARIANTS)}]
+                   folds: list[str] = TWO_FOLDS, variants: list[str] = TWO_VARIANTS, cells_per_task: int = 2,
+                   name: str = "two-fold", mem: str = "3500M", training: dict[str, Any] | None = None) -> Path:  # fmt: skip
+    """CASME II LOSO over `folds` x `variants` (by default TWO_FOLDS x TWO_VARIANTS: 4 cells,
+    2 per task, one task at a time), written to root/sweep.yaml: the sweep of the multi-process
+    and DeepSpeed end-to-end tests; `training` is merged into its training section."""
+    spec = sweep_dict(assets, output_dir=root / "out", name=name, executor=executor, cells_per_task=cells_per_task,
+                      array_parallelism=1, max_local_workers=1, epochs=epochs, mem=mem, time_min=20,
+                      cross_domain_variants=(), processes_per_task=processes)  # fmt: skip
+    spec["datasets"]["casme2"]["folds"] = list(folds)
+    spec["grid"] = [{"protocol": "loso", "datasets": ["casme2"], "variants": list(variants)}]
+    spec["training"].update(training or {})
     root.mkdir(parents=True, exist_ok=True)
     path = root / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))

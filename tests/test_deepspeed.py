@@ -37,8 +37,6 @@ import yaml
 
 from tests.helpers import (
     CLI_ENV,
-    TWO_FOLDS,
-    TWO_VARIANTS,
     GridAssets,
     array_submission_script,
     cell_predictions,
@@ -49,6 +47,7 @@ from tests.helpers import (
     shared_assets,
     shared_local_run,
     shared_two_fold_reference,
+    two_fold_sweep,
     submit_and_wait,
     sweep_dict,
     wait_all_finished,
@@ -306,19 +305,17 @@ def test_two_processes_equal_plain_and_resume_from_their_shards(
 
 # ------------------------------------------------------------------ end to end: local executor and Slurm
 
-def _e2e_sweep(root: Path, assets: GridAssets, *, executor: str, processes: int, deepspeed: bool = True,
-               demo: bool = False) -> Path:
-    """A DeepSpeed sweep: the demo's shape (14 cells) or 4 CASME II cells (2 folds x 2 variants)."""
-    # the demo's shape runs two one-process tasks at a time, as the demo does (2 cores)
-    spec = sweep_dict(assets, output_dir=root / "out", name=f"ds-{executor}-{processes}", executor=executor,
-                      cells_per_task=3 if demo else 2, array_parallelism=1, max_local_workers=2 if demo else 1, epochs=2,
-                      mem="3500M", time_min=20, processes_per_task=processes,
-                      cross_domain_variants=("all", "no_llm") if demo else ())  # fmt: skip
+def _e2e_sweep(root: Path, assets: GridAssets, *, executor: str, processes: int, demo: bool = False) -> Path:
+    """A ZeRO-2 sweep: the 4 CASME II cells of `two_fold_sweep`, or the demo's shape (14 cells,
+    two one-process tasks at a time, as the demo runs them on 2 cores)."""
+    name = f"ds-{executor}-{processes}"
     if not demo:
-        spec["datasets"]["casme2"]["folds"] = TWO_FOLDS
-        spec["grid"] = [{"protocol": "loso", "datasets": ["casme2"], "variants": TWO_VARIANTS}]
-    if deepspeed:
-        spec["training"]["deepspeed"] = "zero2"
+        return two_fold_sweep(assets, root, executor=executor, processes=processes, name=name,
+                              training={"deepspeed": "zero2"})  # fmt: skip
+    spec = sweep_dict(assets, output_dir=root / "out", name=name, executor=executor, cells_per_task=3,
+                      array_parallelism=1, max_local_workers=2, epochs=2, mem="3500M", time_min=20,
+                      processes_per_task=processes)  # fmt: skip
+    spec["training"]["deepspeed"] = "zero2"
     root.mkdir(parents=True, exist_ok=True)
     path = root / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -35,7 +35,6 @@ from orchestrator.sweep.spec import ResourcesSpec, load_sweep
 from orchestrator.launch.submit import slurm_parameters
 from tests.helpers import (
     TWO_FOLDS,
-    TWO_VARIANTS,
     GridAssets,
     array_submission_script,
     assert_every_cell_done_once,
@@ -44,16 +43,14 @@ from tests.helpers import (
     fail_unless_the_node_fits,
     run_cli,
     shared_two_fold_reference,
+    two_fold_sweep,
     shared_assets,
     submit_and_wait,
-    sweep_dict,
     wait_all_finished,
 )
 from tests.slurm_cluster import ClusterInfo, dev_slurm  # noqa: F401 - the session fixture
 
 PROCESSES = 2
-FOLDS = TWO_FOLDS  # sub01, sub02 of the 3-subject synthetic CASME II
-VARIANTS = TWO_VARIANTS  # all, f_mid: LoRA through DDP; f_mid leaves F_high's layer without a gradient
 EPOCHS = 2
 PREEMPT_EPOCHS = 20  # long enough to be caught mid-training
 SWEEP_TIMEOUT_S = 900
@@ -64,18 +61,10 @@ PROB_ATOL = 1e-6
 
 
 def _sweep_file(root: Path, assets: GridAssets, *, executor: str, processes: int, epochs: int = EPOCHS,
-                variants: list[str] = VARIANTS, folds: list[str] = FOLDS, cells_per_task: int = 2) -> Path:
-    spec = sweep_dict(
-        assets, output_dir=root / "out", name=f"mp-{secrets.token_hex(3)}", executor=executor,
-        cells_per_task=cells_per_task, array_parallelism=1, max_local_workers=1, epochs=epochs,
-        mem="3000M", time_min=20, cross_domain_variants=(), processes_per_task=processes,
-    )  # fmt: skip
-    spec["datasets"]["casme2"]["folds"] = folds
-    spec["grid"] = [{"protocol": "loso", "datasets": ["casme2"], "variants": variants}]
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
+                **kwargs: Any) -> Path:  # fmt: skip
+    """`two_fold_sweep` under a fresh name; `kwargs` (folds, variants, cells_per_task) go to it."""
+    return two_fold_sweep(assets, root, executor=executor, processes=processes, epochs=epochs,
+                          name=f"mp-{secrets.token_hex(3)}", mem="3000M", **kwargs)  # fmt: skip
 
 
 def _submit_reference(sweep_file: Path) -> Path:
@@ -304,7 +293,7 @@ def _wait_training(out_dir: Path, *, min_epoch: int, timeout_s: float = 300) -> 
 def test_usr2_to_rank0_alone_stops_both_ranks_and_the_task_resumes(
     dev_slurm: ClusterInfo, assets: GridAssets, tmp_path: Path  # noqa: F811
 ) -> None:
-    one_cell = {"variants": ["no_llm"], "folds": FOLDS[:1], "cells_per_task": 1, "epochs": PREEMPT_EPOCHS}
+    one_cell = {"variants": ["no_llm"], "folds": TWO_FOLDS[:1], "cells_per_task": 1, "epochs": PREEMPT_EPOCHS}
     reference = _submit_reference(_sweep_file(tmp_path / "reference", assets, executor="debug", processes=1, **one_cell))
     sweep_file = _sweep_file(tmp_path / "preempted", assets, executor="slurm", processes=PROCESSES, **one_cell)
     out = sweep_file.parent / "out"
