@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from collections import Counter, defaultdict
@@ -149,6 +150,7 @@ def _statuses_and_results(
             latest[cid] = (record, state)
     results = sweep.result_summaries(update_index=update_index)  # {cell_id: {"status":..., "error":...}}
     running_now = sweep.running_markers()  # {cell_id: marker}
+    dead_cache: dict[str, str] = {}  # the cells of one task read its log once
     out = []
     for cid, group in zip(index.cell_ids, index.groups):
         res = results.get(cid)
@@ -181,8 +183,41 @@ def _statuses_and_results(
             reason = ts.slurm_state if ts.state == "failed" else "task ended without writing this cell's result"
             if ts.exit_code and ts.exit_code != "0:0":
                 reason += f" (exit {ts.exit_code})"
+            if record.executor == "slurm" and record.log_path:
+                reason += first_dead_process(record.log_path, dead_cache)
             out.append(CellStatus(cid, group, "failed", reason, record.job_id, record.log_path))
     return out, results
+
+
+# What srun prints in the task's log (rank 0's, where sbatch's own output goes) when one of its
+# processes ends badly: "srun: error: <node>: task 1: Exited with exit code 3", "...: tasks
+# 0-1: Killed". The first such line is the process that took the task down (with
+# --kill-on-bad-exit the others are then killed, and said so after it).
+_SRUN_TASK_ERROR = re.compile(r"^srun: error: \S+: tasks? ([0-9,-]+): (.+)$", re.MULTILINE)
+_LOG_TAIL_BYTES = 64 * 1024
+
+
+def first_dead_process(log_path: str, cache: dict[str, str] | None = None) -> str:
+    """What a failed cell's reason adds for a multi-process Slurm task one of whose processes
+    died first ("; process 1: Exited with exit code 3"), from srun's own line in the task's
+    log; "" when there is none (one process, a log already gone, a task killed whole)."""
+    if cache is not None and log_path in cache:
+        return cache[log_path]
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - _LOG_TAIL_BYTES))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        tail = ""
+    match = _SRUN_TASK_ERROR.search(tail)
+    note = ""
+    if match:
+        ranks, what = match.groups()
+        note = f"; process{'es' if any(c in ranks for c in ',-') else ''} {ranks}: {what.strip()}"
+    if cache is not None:
+        cache[log_path] = note
+    return note
 
 
 def _job(rec_state: tuple[TaskRecord, TaskState] | None) -> str | None:
