@@ -37,9 +37,42 @@ INHERITED_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "
 # may wait up to 10 minutes): the group must outlast that, or a slow disk kills a task.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 # How long the processes of a task wait for each other when they start (rank 0 publishing
-# its store's port, the others connecting): a rank that never comes fails the task within
+# its store's port, every rank checking in): a rank that never comes fails the task within
 # minutes instead of holding its GPUs for COLLECTIVE_TIMEOUT.
 RENDEZVOUS_TIMEOUT = datetime.timedelta(minutes=5)
+# The environment variable that replaces it (seconds), for nodes whose processes take longer
+# to start (a slow shared filesystem, a long CUDA init); the tests shorten it.
+RENDEZVOUS_TIMEOUT_VAR = "AULLM_RENDEZVOUS_TIMEOUT_S"
+
+# Test-only: the rank named here exits with code 3 before it joins its task's processes (a
+# process dead at start: an import error, a CUDA init that failed). tests/test_multiprocess.py
+# sets it; never set in a real run.
+EXIT_BEFORE_RENDEZVOUS_FOR_TESTS = "AULLM_TEST_EXIT_BEFORE_RENDEZVOUS"
+
+
+class RendezvousError(TimeoutError):
+    """The processes of a task did not all arrive within the rendezvous timeout."""
+
+    def __init__(self, message: str, *, rank: int, world_size: int) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.world_size = world_size
+
+
+def rendezvous_timeout() -> datetime.timedelta:
+    """RENDEZVOUS_TIMEOUT, or the seconds in $AULLM_RENDEZVOUS_TIMEOUT_S (checked at submit too)."""
+    from aullm.errors import UserInputError
+
+    value = os.environ.get(RENDEZVOUS_TIMEOUT_VAR, "").strip()
+    if not value:
+        return RENDEZVOUS_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise UserInputError(f"environment variable {RENDEZVOUS_TIMEOUT_VAR}={value!r}: allowed is a number of seconds above 0")
+    return datetime.timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -116,6 +149,8 @@ def join_task_processes() -> TaskProcesses:
         return TaskProcesses()
     if job_env.num_nodes > 1:
         raise RuntimeError(f"a task's processes must share one node; this job has {job_env.num_nodes} nodes")
+    if os.environ.get(EXIT_BEFORE_RENDEZVOUS_FOR_TESTS) == str(job_env.global_rank):
+        os._exit(3)
     import torch
     import torch.distributed as dist
     from submitit.helpers import TorchDistributedEnvironment
@@ -126,8 +161,10 @@ def join_task_processes() -> TaskProcesses:
     # would pick another job's GPU on a node without device cgroups; Accelerate picks
     # device local_rank among the visible ones instead.
     env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    timeout = rendezvous_timeout()
     store = rendezvous_store(Path(job_env.paths.folder), rendezvous_key(str(job_env.job_id)),
-                             rank=env.rank, world_size=env.world_size, host=env.master_addr)  # fmt: skip
+                             rank=env.rank, world_size=env.world_size, host=env.master_addr, timeout=timeout)  # fmt: skip
+    meet(store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     os.environ["MASTER_PORT"] = str(store.port)  # the port really used, for whatever reads the variable
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
@@ -175,3 +212,25 @@ def rendezvous_store(folder: Path, key: str, *, rank: int, world_size: int, host
         time.sleep(0.1)
     port = int(path.read_text())
     return dist.TCPStore(host, port, world_size, False, timeout=timeout)
+
+
+def meet(store: Any, *, rank: int, world_size: int, timeout: datetime.timedelta = RENDEZVOUS_TIMEOUT) -> None:
+    """Check in on the task's store, then wait until every rank has: a RendezvousError naming
+    the ranks that never came, after `timeout`.
+
+    Without it rank 0 waited for a missing rank inside `init_process_group`, under the store's
+    collective timeout (30 min, holding the task's GPUs), and torch's error named a store key,
+    not the rank. On Slurm a rank that dies at start ends the step at once (srun's
+    --kill-on-bad-exit); this is the bound everywhere else (the local executor, a rank that
+    hangs instead of dying).
+    """
+    from torch.distributed import DistStoreError
+
+    store.set(f"arrived/{rank}", str(os.getpid()))
+    try:
+        store.wait([f"arrived/{r}" for r in range(world_size)], timeout)
+    except DistStoreError:
+        missing = [r for r in range(world_size) if not store.check([f"arrived/{r}"])]
+        raise RendezvousError(f"rank {rank}: rank(s) {', '.join(map(str, missing))} of this task's {world_size} "
+                              f"processes did not start within {timeout.total_seconds():.0f} s",
+                              rank=rank, world_size=world_size) from None  # fmt: skip

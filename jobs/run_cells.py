@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from aullm.constants import CONCURRENT_AUTO as AUTO
-from jobs.process_group import TaskProcesses, join_task_processes
+from jobs.process_group import RendezvousError, TaskProcesses, join_task_processes
 from orchestrator.sweep.cells import Cell, task_setup
 from orchestrator.ledger import SweepDir
 
@@ -284,7 +284,16 @@ def run_task(sweep_dir: str, cell_ids: list[str]) -> dict[str, str]:
     """Entry point of one array task (every process of it). Returns {cell_id: outcome}
     for submitit's result pickle: the same on every rank."""
     t0 = time.time()
-    processes = join_task_processes()
+    try:
+        processes = join_task_processes()
+    except RendezvousError as exc:
+        if exc.rank == 0:
+            # rank 0 speaks for the task: each cell's result says which rank never came,
+            # instead of status's "task ended without writing this cell's result"
+            sweep = SweepDir(sweep_dir)
+            _record_setup_failure(sweep, [sweep.cell(cid) for cid in cell_ids], exc,
+                                  TaskProcesses(rank=0, world_size=exc.world_size))  # fmt: skip
+        raise
     report = _TaskReport(processes=processes)
     try:
         return _run_cells(sweep_dir, cell_ids, report)
@@ -642,7 +651,8 @@ def _write_failed(sweep: SweepDir, cell: Cell, attempts: int, host: str, logger:
 
 
 def _record_setup_failure(sweep: SweepDir, cells: list[Cell], exc: Exception, processes: TaskProcesses) -> None:
-    """A failed result for each unfinished cell of a task whose trainer could not be built."""
+    """A failed result for each unfinished cell of a task that could not start training (its
+    processes did not all come, its trainer could not be built)."""
     error = _one_line(f"{type(exc).__name__}: {exc}")
     for cell in cells:
         if sweep.result_exists(cell.cell_id, status="done"):

@@ -106,7 +106,9 @@ def _rank_logs(out_dir: Path, rank: int) -> list[Path]:
 def test_processes_map_to_tasks_per_node_on_one_node() -> None:
     params = slurm_parameters(ResourcesSpec(executor="slurm", processes_per_task=4, gpus_per_node=4))
     assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"]) == (1, 4, 4)
-    assert "tasks_per_node" not in slurm_parameters(ResourcesSpec(executor="slurm"))
+    assert params["slurm_srun_args"] == ["--kill-on-bad-exit=1"]  # a dead process ends its task
+    one = slurm_parameters(ResourcesSpec(executor="slurm"))
+    assert "tasks_per_node" not in one and "slurm_srun_args" not in one
     # srun (Slurm >= 22.05) must hand each process the CPUs sbatch gave it
     assert any("SRUN_CPUS_PER_TASK" in line for line in params["slurm_setup"])
 
@@ -210,6 +212,54 @@ def test_a_rank_whose_rank_0_never_comes_fails_naming_the_file(tmp_path: Path) -
                          timeout=datetime.timedelta(seconds=1))  # fmt: skip
 
 
+def test_rank_0_fails_within_the_rendezvous_timeout_naming_the_rank_that_never_came(tmp_path: Path) -> None:
+    """Rank 0 of a 3-process task whose rank 2 never starts: a RendezvousError after the
+    rendezvous timeout that names rank 2, not the store's 30-min wait for a store key that
+    `init_process_group` would end in."""
+    import datetime
+    import threading
+
+    from jobs.process_group import COLLECTIVE_TIMEOUT, RendezvousError, meet, rendezvous_store
+
+    key, second = "7_1.0.rendezvous", datetime.timedelta(seconds=1)
+    errors: list[BaseException | None] = [None, None]
+
+    def rank(r: int) -> None:
+        store = rendezvous_store(tmp_path, key, rank=r, world_size=3, host="127.0.0.1")
+        store.set_timeout(COLLECTIVE_TIMEOUT)  # what the collectives wait; meet must not
+        try:
+            meet(store, rank=r, world_size=3, timeout=second)
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            errors[r] = exc
+
+    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a rank still waits for rank 2"
+    for r, exc in enumerate(errors):
+        assert isinstance(exc, RendezvousError), (r, exc)
+        assert str(exc) == f"rank {r}: rank(s) 2 of this task's 3 processes did not start within 1 s"
+        assert exc.rank == r
+
+
+def test_ranks_that_all_come_meet(tmp_path: Path) -> None:
+    from jobs.process_group import meet
+
+    stores = _both_ranks(tmp_path, "7_1.0.rendezvous")
+    import threading
+
+    done: list[int] = []
+    threads = [threading.Thread(target=lambda r=r: (meet(stores[r], rank=r, world_size=2), done.append(r)), daemon=True)
+               for r in (1, 0)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(done) == [0, 1]
+
+
 # ------------------------------------------------------------------ end to end
 
 
@@ -273,6 +323,95 @@ def test_slurm_two_process_tasks_give_the_one_process_predictions(
     rank1 = _rank_logs(out, 1)
     assert len(rank1) == 2 and all("2 cells (done 2)" in log.read_text() for log in rank1), rank1
     print(f"\n[multiprocess] slurm, 2 processes per task: {time.monotonic() - t0:.1f} s; largest probability gap {worst:.1e}")
+
+
+# A task of two processes whose rank 1 dies before it joins rank 0 (a test-only hook: exit 3)
+ONE_CELL = {"variants": ["no_llm"], "folds": TWO_FOLDS[:1], "cells_per_task": 1}
+
+
+def test_a_bad_rendezvous_timeout_is_refused_at_submit(
+    assets: GridAssets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tasks read $AULLM_RENDEZVOUS_TIMEOUT_S from the environment they inherit: a value
+    they would refuse is refused by submit, exit 2, one line, nothing written."""
+    sweep_file = _sweep_file(tmp_path, assets, executor="local", processes=PROCESSES, **ONE_CELL)
+    monkeypatch.setenv("AULLM_RENDEZVOUS_TIMEOUT_S", "5min")
+    result = run_cli("submit", sweep_file, timeout_s=120)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "AULLM_RENDEZVOUS_TIMEOUT_S='5min'" in line and "number of seconds above 0" in line, line
+    assert not (sweep_file.parent / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_rank_dead_at_start_fails_the_local_task_naming_it_in_each_cell(
+    assets: GridAssets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """submitit's LocalExecutor leaves rank 0 running when rank 1 dies: rank 0 gives up at the
+    rendezvous timeout (10 s here, 5 min by default), not the 30-min collective one, and its
+    cell's failure names the rank that never came."""
+    sweep_file = _sweep_file(tmp_path, assets, executor="local", processes=PROCESSES, **ONE_CELL)
+    monkeypatch.setenv("AULLM_TEST_EXIT_BEFORE_RENDEZVOUS", "1")
+    monkeypatch.setenv("AULLM_RENDEZVOUS_TIMEOUT_S", "10")
+    assert run_cli("submit", sweep_file, "--wait", timeout_s=240).returncode == 1
+    summary = wait_all_finished(sweep_file.parent / "out", timeout_s=60)
+    (failed,) = summary["failed"]
+    assert failed["reason"] == "RendezvousError: rank 0: rank(s) 1 of this task's 2 processes did not start within 10 s", failed
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_rank_dead_at_start_ends_its_slurm_task_at_once(
+    dev_slurm: ClusterInfo, assets: GridAssets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """On Slurm, srun's --kill-on-bad-exit ends the task when rank 1 dies, instead of rank 0
+    waiting for it: with the rendezvous timeout at 10 min, the task still ends within the
+    4 min this test waits."""
+    fail_unless_the_node_fits(dev_slurm.cpus, PROCESSES)
+    sweep_file = _sweep_file(tmp_path, assets, executor="slurm", processes=PROCESSES, **ONE_CELL)
+    monkeypatch.setenv("AULLM_TEST_EXIT_BEFORE_RENDEZVOUS", "1")
+    monkeypatch.setenv("AULLM_RENDEZVOUS_TIMEOUT_S", "600")
+    out = sweep_file.parent / "out"
+    try:
+        run_cli("submit", sweep_file, "--json").check()
+        summary = wait_all_finished(out, timeout_s=240)
+    finally:
+        run_cli("cancel", sweep_file, timeout_s=60)
+    (failed,) = summary["failed"]
+    # the process that took the task down, from srun's line in the task's log; not rank 0,
+    # which srun killed after it
+    # (the job's own exit code is that of whichever process Slurm counts: 3, or 9 for the kill)
+    assert failed["reason"].startswith("FAILED (exit "), failed
+    assert failed["reason"].endswith("); process 1: Exited with exit code 3"), failed
+    print(f"\n[multiprocess] rank 1 dead at start: {failed['reason']}")
+
+
+SRUN_LOG = """submitit INFO (2026-12-06 07:29:21,255) - Starting with JobEnvironment(job_id=812, ...)
+srun: error: vm: task 1: Exited with exit code 3
+srun: launch/slurm: _step_signal: Terminating StepId=812.0
+slurmstepd-vm: error: *** STEP 812.0 ON vm CANCELLED AT 2026-12-06T07:29:21 ***
+srun: error: vm: task 0: Killed
+srun: Force Terminated StepId=812.0
+"""
+
+
+@pytest.mark.parametrize(
+    ("log", "note"),
+    [
+        (SRUN_LOG, "; process 1: Exited with exit code 3"),  # as srun wrote it in the test above
+        ("srun: error: gpu07: tasks 0-3: Killed\n", "; processes 0-3: Killed"),
+        ("x" * 70_000 + "\nsrun: error: n1: task 2: Segmentation fault (core dumped)\n", "; process 2: Segmentation fault (core dumped)"),
+        ("Traceback ...\nRuntimeError: boom\n", ""),  # one process: nothing from srun
+    ],
+    ids=["first-line-wins", "several", "far-in-a-long-log", "none"],
+)
+def test_the_first_process_srun_reports_dead_is_named(tmp_path: Path, log: str, note: str) -> None:
+    from orchestrator.state.status import first_dead_process
+
+    path = tmp_path / "812_0_log.out"
+    path.write_text(log)
+    assert first_dead_process(str(path)) == note
+    assert first_dead_process(str(tmp_path / "gone.out")) == ""
 
 
 def _wait_training(out_dir: Path, *, min_epoch: int, timeout_s: float = 300) -> dict[str, Any]:

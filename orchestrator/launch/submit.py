@@ -200,6 +200,9 @@ def slurm_parameters(resources: Any) -> dict[str, Any]:
         # into one torch process group (one process per GPU)
         params["nodes"] = 1
         params["tasks_per_node"] = resources.processes_per_task
+        # A process that dies (an exception, the OOM killer) ends the others at once: on GPUs
+        # they would otherwise wait in their next collective for the 30-min timeout
+        params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
     extra.update(resources.extra_sbatch or {})
     params["slurm_additional_parameters"] = extra
     return {k: v for k, v in params.items() if v is not None}
@@ -409,6 +412,10 @@ def preflight_datasets(spec: Any, cells: list[Cell], *, write_cache: bool = True
 
 def submit_sweep(spec: Any, sweep: SweepDir, cells: list[Cell], *, dry_run: bool = False,
                  retry_failed: bool = True, only: set[str] | None = None) -> dict[str, Any]:
+    if spec.resources.processes_per_task > 1:
+        from jobs.process_group import rendezvous_timeout
+
+        rendezvous_timeout()  # the tasks read it from the environment they inherit: a bad value fails here, not in each task
     if dry_run:
         plan = plan_submission(spec, sweep, cells, retry_failed=retry_failed, only=only) if sweep.exists() else _fresh_plan(spec, cells)
         return {"dry_run": True, **plan.to_json()}
