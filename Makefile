@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-learning test-fast lint bench clean-demo
+.PHONY: setup demo test test-shuffled test-learning test-fast lint bench clean-demo
 
 setup: $(STAMP)
 
@@ -41,6 +41,13 @@ test: setup
 	$(BIN)/lint-imports
 	bash slurm/dev/install.sh
 	$(BIN)/python -m pytest -q
+
+# The same suite in another order (tests/order.py): modules whole, shuffled, and their tests
+# shuffled among themselves. SEED=N repeats an order; the default draws a new one.
+SEED ?= $(shell date +%s)
+test-shuffled: setup
+	bash slurm/dev/install.sh
+	$(BIN)/python -m pytest -q --shuffle $(SEED)
 
 test-learning: setup
 	$(BIN)/python -m pytest -q -s -m learning

@@ -16,6 +16,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--shuffle", type=int, metavar="SEED", default=None,
+                     help="run the modules, and each module's tests, in an order drawn from SEED (tests/order.py)")
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    seed = config.getoption("--shuffle")
+    return None if seed is None else f"test order: shuffled with seed {seed} (rerun with --shuffle {seed})"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    seed = config.getoption("--shuffle")
+    if seed is not None:
+        from tests.order import shuffled
+
+        items[:] = shuffled(items, lambda item: item.nodeid.split("::", 1)[0], seed=seed)
+
+
 @pytest.fixture(scope="session")
 def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Qwen2 saved to disk, loaded through the same from_pretrained path as a 1.5B checkpoint."""
