@@ -43,6 +43,24 @@ def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory):
+    """The synthetic datasets and tiny LLM of the grid tests (tests/helpers.shared_assets,
+    built once per test process). tests/test_faults.py overrides it to start Slurm first."""
+    from tests.helpers import shared_assets
+
+    return shared_assets(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def two_fold_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 4-cell two-fold sweep trained in one process (the debug executor, inside the CLI):
+    what the multi-process and DeepSpeed end-to-end tests must equal."""
+    from tests.helpers import shared_two_fold_reference
+
+    return shared_two_fold_reference(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def casme2_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 6-subject synthetic dataset in the official CASME II layout."""
     from aullm.data.synth import write_synthetic

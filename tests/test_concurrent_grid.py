@@ -17,17 +17,11 @@ from tests.helpers import (
     manifest_cell_ids,
     result_files,
     run_cli,
-    shared_assets,
     shared_local_run,
     sweep_dict,
 )
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> GridAssets:
-    return shared_assets(tmp_path_factory)
 
 
 def _run(root: Path, assets: GridAssets, k: int | str) -> Path:

@@ -44,9 +44,7 @@ from tests.helpers import (
     manifest_cell_ids,
     result_files,
     run_cli,
-    shared_assets,
     shared_local_run,
-    shared_two_fold_reference,
     two_fold_sweep,
     submit_and_wait,
     sweep_dict,
@@ -98,11 +96,6 @@ def _ds_sweep(tmp_path: Path, assets: GridAssets, *, config: Any = "zero2", trai
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> GridAssets:
-    return shared_assets(tmp_path_factory)
 
 
 def _zero2(**changes: Any) -> dict[str, Any]:
@@ -338,13 +331,6 @@ def _assert_done_and_equal(out: Path, reference: Path, *, world_size: int) -> fl
     return worst
 
 
-@pytest.fixture(scope="module")
-def reference4(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The 4-cell sweep without DeepSpeed, one process (debug executor, inside the CLI); shared
-    with tests/test_multiprocess.py."""
-    return shared_two_fold_reference(tmp_path_factory)
-
-
 @pytest.mark.slow
 def test_demo_sweep_under_zero2_finishes_every_cell_on_the_local_executor(
     assets: GridAssets, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
@@ -368,10 +354,12 @@ def test_demo_sweep_under_zero2_finishes_every_cell_on_the_local_executor(
 
 
 @pytest.mark.slow
-def test_local_executor_two_processes_under_zero2(assets: GridAssets, reference4: Path, tmp_path: Path) -> None:
+def test_local_executor_two_processes_under_zero2(
+    assets: GridAssets, two_fold_reference: Path, tmp_path: Path
+) -> None:
     sweep = _e2e_sweep(tmp_path, assets, executor="local", processes=2)
     run_cli("submit", sweep, "--wait", timeout_s=SWEEP_TIMEOUT_S).check()
-    worst = _assert_done_and_equal(sweep.parent / "out", reference4, world_size=2)
+    worst = _assert_done_and_equal(sweep.parent / "out", two_fold_reference, world_size=2)
     print(f"\n[deepspeed] local, 2 processes per task: largest difference to plain {worst:.1e}")
 
 
@@ -379,13 +367,13 @@ def test_local_executor_two_processes_under_zero2(assets: GridAssets, reference4
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 def test_slurm_tasks_under_zero2(
-    dev_slurm: ClusterInfo, assets: GridAssets, reference4: Path, tmp_path: Path, processes: int  # noqa: F811
+    dev_slurm: ClusterInfo, assets: GridAssets, two_fold_reference: Path, tmp_path: Path, processes: int  # noqa: F811
 ) -> None:
     fail_unless_the_node_fits(dev_slurm.cpus, processes)
     sweep = _e2e_sweep(tmp_path, assets, executor="slurm", processes=processes)
     t0 = time.monotonic()
     submitted = submit_and_wait(sweep, timeout_s=SWEEP_TIMEOUT_S)
-    worst = _assert_done_and_equal(sweep.parent / "out", reference4, world_size=processes)
+    worst = _assert_done_and_equal(sweep.parent / "out", two_fold_reference, world_size=processes)
     script = array_submission_script(sweep.parent / "out", submitted)
     assert (f"#SBATCH --ntasks-per-node={processes}" in script) == (processes > 1)
     print(f"\n[deepspeed] slurm, {processes} process(es) per task: {time.monotonic() - t0:.0f} s; "

@@ -42,9 +42,7 @@ from tests.helpers import (
     epochs_reported,
     fail_unless_the_node_fits,
     run_cli,
-    shared_two_fold_reference,
     two_fold_sweep,
-    shared_assets,
     submit_and_wait,
     wait_all_finished,
 )
@@ -273,28 +271,16 @@ def one_thread_per_process() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> GridAssets:
-    return shared_assets(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The 4-cell sweep trained in one process (the debug executor, inside the CLI); shared
-    with tests/test_deepspeed.py."""
-    return shared_two_fold_reference(tmp_path_factory)
-
-
 @pytest.mark.slow
 def test_local_executor_two_processes_give_the_one_process_predictions(
-    assets: GridAssets, reference: Path, tmp_path: Path
+    assets: GridAssets, two_fold_reference: Path, tmp_path: Path
 ) -> None:
     sweep_file = _sweep_file(tmp_path, assets, executor="local", processes=PROCESSES)
     t0 = time.monotonic()
     run_cli("submit", sweep_file, "--wait", timeout_s=SWEEP_TIMEOUT_S).check()
     out = sweep_file.parent / "out"
     _assert_one_done_result_per_cell(out, world_size=PROCESSES)
-    worst = _assert_same_predictions(out, reference)
+    worst = _assert_same_predictions(out, two_fold_reference)
     assert all("process 1 of 2" in log.read_text() for log in _rank_logs(out, 1))
     print(f"\n[multiprocess] local, 2 processes: {time.monotonic() - t0:.1f} s; largest probability gap {worst:.1e}")
 
@@ -302,7 +288,7 @@ def test_local_executor_two_processes_give_the_one_process_predictions(
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_slurm_two_process_tasks_give_the_one_process_predictions(
-    dev_slurm: ClusterInfo, assets: GridAssets, reference: Path, tmp_path: Path  # noqa: F811
+    dev_slurm: ClusterInfo, assets: GridAssets, two_fold_reference: Path, tmp_path: Path  # noqa: F811
 ) -> None:
     fail_unless_the_node_fits(dev_slurm.cpus, PROCESSES)
     sweep_file = _sweep_file(tmp_path, assets, executor="slurm", processes=PROCESSES)
@@ -311,9 +297,9 @@ def test_slurm_two_process_tasks_give_the_one_process_predictions(
     submitted = submit_and_wait(sweep_file, timeout_s=SWEEP_TIMEOUT_S)
     assert submitted["tasks"] == 2
     payloads = _assert_one_done_result_per_cell(out, world_size=PROCESSES)
-    worst = _assert_same_predictions(out, reference)
+    worst = _assert_same_predictions(out, two_fold_reference)
     for cid, payload in payloads.items():
-        ref = json.loads((reference / "results" / f"{cid}.json").read_text())
+        ref = json.loads((two_fold_reference / "results" / f"{cid}.json").read_text())
         np.testing.assert_allclose(payload["epoch_losses"], ref["epoch_losses"], rtol=1e-5, err_msg=cid)
     # sbatch asked for the processes, srun started them, and both ranks ran every cell
     script = array_submission_script(out, submitted)
