@@ -123,7 +123,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from orchestrator.launch.prepare import check_compatible, prepare
-    from orchestrator.launch.submit import submit_sweep
+    from orchestrator.launch.submit import result_warnings, submit_sweep
     from orchestrator.ledger import SweepDir
 
     spec, _subjects, cells = prepare(_sweep_file(args), args.set or ())
@@ -131,8 +131,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     check_compatible(spec, sweep, cells)
     # submit_sweep owns the sweep directory: it writes the manifest under the lock.
     result = submit_sweep(spec, sweep, cells, dry_run=args.dry_run)
-    if result.get("collector_error"):
-        print(f"{PROG}: warning: {result['collector_error']}", file=sys.stderr)
+    for warning in result_warnings(result):
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     submitted = result.get("submitted", 0)
     steps = [f"{PROG} status {_q(args.sweep)} --watch"] if submitted else [f"{PROG} status {_q(args.sweep)}"]
     if args.dry_run:

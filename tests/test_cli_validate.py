@@ -121,6 +121,67 @@ def test_dry_run_shows_concurrent_cells_and_the_loops_it_implies(
     assert not (tmp_path / "out").exists()
 
 
+# workers, processes per task, cpus_per_task, OMP_NUM_THREADS in the environment, tasks, cores
+# -> the threads the local executor would run at once (None: they fit, nothing is said)
+@pytest.mark.parametrize(
+    ("workers", "processes", "cpus", "omp", "tasks", "cores", "busy"),
+    [
+        (2, 1, 1, None, 4, 2, None),  # the demo: 2 workers of 1 thread on 2 cores
+        (2, 1, 2, None, 4, 2, 4),
+        (4, 1, 1, None, 4, 2, 4),
+        (4, 1, 1, None, 1, 2, None),  # one task: one worker busy, whatever max_local_workers says
+        (1, 2, 1, None, 4, 2, None),
+        (2, 2, 1, None, 4, 2, 4),
+        (2, 1, 1, "3", 4, 2, 6),  # the user's OMP_NUM_THREADS wins over cpus_per_task, as in submit_local
+        (2, 1, 4, "1", 4, 2, None),
+        (2, 1, 2, "many", 4, 2, 4),  # not a number: the task runs cpus_per_task threads
+        (8, 2, 4, None, 8, 64, None),
+    ],
+)
+def test_an_oversubscribed_local_sweep_is_said(
+    monkeypatch: pytest.MonkeyPatch, workers: int, processes: int, cpus: int, omp: str | None, tasks: int, cores: int,
+    busy: int | None,
+) -> None:  # fmt: skip
+    from orchestrator.launch.submit import local_oversubscription
+    from orchestrator.sweep.spec import ResourcesSpec
+
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    resources = ResourcesSpec(executor="local", max_local_workers=workers, processes_per_task=processes,
+                              cpus_per_task=cpus)  # fmt: skip
+    said = local_oversubscription(resources, tasks, cores)
+    if busy is None:
+        assert said is None
+    else:
+        assert said is not None and said.startswith(f"the local executor will run {busy} threads at once")
+        assert f"on {cores} cores" in said
+    # Slurm places tasks on cores itself: never said there
+    slurm = ResourcesSpec(executor="slurm", max_local_workers=workers, processes_per_task=processes, cpus_per_task=cpus)
+    assert local_oversubscription(slurm, tasks, cores) is None
+
+
+def test_submit_says_an_oversubscribed_local_sweep_on_stderr_and_in_its_json(
+    tmp_path: Path, assets: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import orchestrator.launch.submit as submit
+
+    monkeypatch.setattr(submit, "usable_cores", lambda: 2)  # the same answer on any machine
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    path = good_sweep(tmp_path, assets, resources={"executor": "local", "cells_per_task": 4, "max_local_workers": 4})
+    assert cli.main(["submit", str(path), "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("aullm-grid: warning: the local executor will run 4 threads at once (4 task(s) x 1")
+    assert json.loads(captured.out)["warnings"] == [line.removeprefix("aullm-grid: warning: ")]
+    path = good_sweep(tmp_path, assets, resources={"executor": "local", "cells_per_task": 4, "max_local_workers": 2})
+    assert cli.main(["submit", str(path), "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "warnings" not in json.loads(captured.out)
+    assert not (tmp_path / "out").exists()
+
+
 def test_changed_training_settings_are_refused(
     tmp_path: Path, assets: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

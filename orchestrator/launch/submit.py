@@ -410,6 +410,47 @@ def preflight_datasets(spec: Any, cells: list[Cell], *, write_cache: bool = True
     return counts
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a cgroup or taskset may give it
+    fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on macOS
+        return os.cpu_count() or 1
+
+
+def local_oversubscription(resources: Any, tasks: int, cores: int) -> str | None:
+    """Why a local sweep would run more threads at once than `cores`, or None. Each local
+    task process runs OMP_NUM_THREADS threads (cpus_per_task unless the user's environment
+    sets it, see submit_local), so the count is workers x processes x threads. Said, not
+    refused: the sweep still runs, each task slower, and a laptop user may want exactly that."""
+    if resources.executor != "local" or tasks == 0:
+        return None
+    try:
+        threads = int(os.environ.get("OMP_NUM_THREADS", "")) or resources.cpus_per_task
+    except ValueError:
+        threads = resources.cpus_per_task
+    workers, processes = min(resources.max_local_workers, tasks), resources.processes_per_task
+    busy = workers * processes * threads
+    if busy <= cores:
+        return None
+    return (f"the local executor will run {busy} threads at once ({workers} task(s) x {processes} process(es) x "
+            f"{threads} thread(s)) on {cores} cores: they share the cores and each task runs slower; lower "
+            "resources.max_local_workers or resources.cpus_per_task to fit")  # fmt: skip
+
+
+def _warnings(spec: Any, plan: Plan) -> dict[str, Any]:
+    tasks = sum(len(array) for array in plan.arrays)
+    warning = local_oversubscription(spec.resources, tasks, usable_cores())
+    return {"warnings": [warning]} if warning else {}
+
+
+def result_warnings(result: dict[str, Any]) -> list[str]:
+    """What a submit or retry says on stderr, one line each: a collector that could not be
+    queued, a local sweep that oversubscribes the cores."""
+    return ([result["collector_error"]] if result.get("collector_error") else []) + list(result.get("warnings", []))
+
+
 def submit_sweep(spec: Any, sweep: SweepDir, cells: list[Cell], *, dry_run: bool = False,
                  retry_failed: bool = True, only: set[str] | None = None) -> dict[str, Any]:
     if spec.resources.processes_per_task > 1:
@@ -418,7 +459,7 @@ def submit_sweep(spec: Any, sweep: SweepDir, cells: list[Cell], *, dry_run: bool
         rendezvous_timeout()  # the tasks read it from the environment they inherit: a bad value fails here, not in each task
     if dry_run:
         plan = plan_submission(spec, sweep, cells, retry_failed=retry_failed, only=only) if sweep.exists() else _fresh_plan(spec, cells)
-        return {"dry_run": True, **plan.to_json()}
+        return {"dry_run": True, **plan.to_json(), **_warnings(spec, plan)}
     preflight_datasets(spec, cells)
     with sweep.lock():
         # the sweep file, so that commands given the sweep directory can re-read it
@@ -442,7 +483,7 @@ def submit_sweep(spec: Any, sweep: SweepDir, cells: list[Cell], *, dry_run: bool
             info = submit_local(spec, sweep, plan)
         else:
             info = submit_debug(spec, sweep, plan)
-    return {"dry_run": False, "submitted": len(plan.todo), **plan.to_json(), **info}
+    return {"dry_run": False, "submitted": len(plan.todo), **plan.to_json(), **info, **_warnings(spec, plan)}
 
 
 def _fresh_plan(spec: Any, cells: list[Cell]) -> Plan:
@@ -490,6 +531,8 @@ def retry_main(args: Any) -> int:
                 sweep.supersede_result(cid)
     result = submit_sweep(spec, sweep, cells, dry_run=dry_run, only=only) if only else {
         "dry_run": dry_run, "submitted": 0}  # fmt: skip
+    for warning in result_warnings(result):
+        print(f"aullm-grid: warning: {warning}", file=sys.stderr)
     payload = {"command": "retry", "sweep": args.sweep, "sweep_dir": str(sweep.path.resolve()),
                **{k: v for k, v in result.items() if k != "cell_ids"},
                "retried": sorted(only), "already_done": already_done, "forced": force and bool(already_done)}  # fmt: skip
