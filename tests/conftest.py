@@ -51,10 +51,12 @@ def assets(tmp_path_factory: pytest.TempPathFactory):
     return shared_assets(tmp_path_factory)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def two_fold_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The 4-cell two-fold sweep trained in one process (the debug executor, inside the CLI):
-    what the multi-process and DeepSpeed end-to-end tests must equal."""
+    what the multi-process and DeepSpeed end-to-end tests must equal. Module scope, not
+    session: a module's autouse fixtures (test_multiprocess's one thread per process, which
+    the reference requires) then come first; the training itself is cached per test process."""
     from tests.helpers import shared_two_fold_reference
 
     return shared_two_fold_reference(tmp_path_factory)
