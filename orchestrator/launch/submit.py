@@ -316,11 +316,7 @@ def submit_local(spec: Any, sweep: SweepDir, plan: Plan) -> dict[str, Any]:
         json.dumps({"tasks": tasks, "workers": spec.resources.max_local_workers, "processes_per_task": processes})
     )
     log = open(sweep.path / "logs" / f"{batch_id}.supervisor.log", "ab")
-    env = {**os.environ, **JOB_ENV}
-    # Each process gets cpus_per_task threads, as a Slurm task does: a CPU cell's floating-point
-    # sums depend on the thread count (oneDNN splits its reductions by thread), so a cell
-    # trained here matches the same cell trained on Slurm only with the same count.
-    env.setdefault("OMP_NUM_THREADS", str(spec.resources.cpus_per_task))
+    env = {**os.environ, **JOB_ENV, "OMP_NUM_THREADS": local_task_threads(spec.resources)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.local_supervisor", str(sweep.path), str(batch_file)],
         stdout=log,
@@ -419,16 +415,24 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def local_task_threads(resources: Any) -> str:
+    """OMP_NUM_THREADS of each local task process: the user's own value if set, else
+    cpus_per_task, as a Slurm task gets. A CPU cell's floating-point sums depend on the
+    thread count (oneDNN splits its reductions by thread), so a cell trained here matches
+    the same cell trained on Slurm only with the same count."""
+    return os.environ.get("OMP_NUM_THREADS", str(resources.cpus_per_task))
+
+
 def local_oversubscription(resources: Any, tasks: int, cores: int) -> str | None:
     """Why a local sweep would run more threads at once than `cores`, or None. Each local
-    task process runs OMP_NUM_THREADS threads (cpus_per_task unless the user's environment
-    sets it, see submit_local), so the count is workers x processes x threads. Said, not
-    refused: the sweep still runs, each task slower, and a laptop user may want exactly that."""
+    task process runs `local_task_threads` threads, so the count is workers x processes x
+    threads. Said, not refused: the sweep still runs, each task slower, and a laptop user
+    may want exactly that."""
     if resources.executor != "local" or tasks == 0:
         return None
     try:
-        threads = int(os.environ.get("OMP_NUM_THREADS", "")) or resources.cpus_per_task
-    except ValueError:
+        threads = int(local_task_threads(resources)) or resources.cpus_per_task
+    except ValueError:  # not a count: reckoned as cpus_per_task
         threads = resources.cpus_per_task
     workers, processes = min(resources.max_local_workers, tasks), resources.processes_per_task
     busy = workers * processes * threads
