@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,10 +156,23 @@ def test_a_gpu_profile_leaves_the_process_count_to_the_sweep(tmp_path: Path) -> 
 # ------------------------------------------------------------------ rendezvous (fast, threads)
 
 
+def _in_threads(target: Any, ranks: tuple[int, ...], *, stagger_s: float = 0.0,
+                within_s: float = 60.0) -> list[threading.Thread]:  # fmt: skip
+    """`target(rank)` for each rank on its own thread, started in that order `stagger_s`
+    apart, all joined within `within_s` together: the threads, for the caller to see that
+    none still waits."""
+    threads = [threading.Thread(target=target, args=(rank,), daemon=True) for rank in ranks]
+    for t in threads:
+        t.start()
+        time.sleep(stagger_s)
+    deadline = time.monotonic() + within_s
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    return threads
+
+
 def _both_ranks(folder: Path, key: str) -> list[Any]:
     """Ranks 1 and 0 of a 2-process task as threads, rank 1 first (it waits for rank 0's port)."""
-    import threading
-
     from jobs.process_group import rendezvous_store
 
     stores: list[Any] = [None, None]
@@ -166,12 +180,7 @@ def _both_ranks(folder: Path, key: str) -> list[Any]:
     def join(rank: int) -> None:
         stores[rank] = rendezvous_store(folder, key, rank=rank, world_size=2, host="127.0.0.1")
 
-    threads = [threading.Thread(target=join, args=(rank,)) for rank in (1, 0)]
-    for t in threads:
-        t.start()
-        time.sleep(0.2)
-    for t in threads:
-        t.join(timeout=60)
+    _in_threads(join, (1, 0), stagger_s=0.2)
     return stores
 
 
@@ -215,7 +224,6 @@ def test_rank_0_fails_within_the_rendezvous_timeout_naming_the_rank_that_never_c
     rendezvous timeout that names rank 2, not the store's 30-min wait for a store key that
     `init_process_group` would end in."""
     import datetime
-    import threading
 
     from jobs.process_group import COLLECTIVE_TIMEOUT, RendezvousError, meet, rendezvous_store
 
@@ -230,11 +238,7 @@ def test_rank_0_fails_within_the_rendezvous_timeout_naming_the_rank_that_never_c
         except BaseException as exc:  # noqa: BLE001 - inspected below
             errors[r] = exc
 
-    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    threads = _in_threads(rank, (0, 1), within_s=30)  # 30x the rendezvous timeout
     assert not any(t.is_alive() for t in threads), "a rank still waits for rank 2"
     for r, exc in enumerate(errors):
         assert isinstance(exc, RendezvousError), (r, exc)
@@ -246,15 +250,13 @@ def test_ranks_that_all_come_meet(tmp_path: Path) -> None:
     from jobs.process_group import meet
 
     stores = _both_ranks(tmp_path, "7_1.0.rendezvous")
-    import threading
-
     done: list[int] = []
-    threads = [threading.Thread(target=lambda r=r: (meet(stores[r], rank=r, world_size=2), done.append(r)), daemon=True)
-               for r in (1, 0)]  # fmt: skip
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+
+    def rank(r: int) -> None:
+        meet(stores[r], rank=r, world_size=2)
+        done.append(r)
+
+    _in_threads(rank, (1, 0))
     assert sorted(done) == [0, 1]
 
 
